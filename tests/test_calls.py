@@ -1,0 +1,138 @@
+"""Request layer unit tests. The HTTP side is an in-process fake (httpx.MockTransport named
+FakeServer below) so retries, n>1 and the cache can be checked exactly and fast; the real
+vLLM server is exercised by tests/test_flow_integration.py."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from toa.calls import CallLayer, ClientPolicy, EndpointClient
+from toa.rows import ERROR, OK
+from toa.servers import Endpoint
+
+ENDPOINT = Endpoint(alias="a", base_url="http://fake/v1", model="m", api_key=SecretStr("k"), identity="fake-model")
+
+
+class FakeServer:
+    """Answers chat completions; `fail` is a list of HTTP statuses to return first, in order."""
+
+    def __init__(self, fail=(), supports_logprobs=True):
+        self.fail = list(fail)
+        self.requests: list[dict] = []
+        self.supports_logprobs = supports_logprobs
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        self.requests.append(body)
+        if self.fail:
+            return httpx.Response(self.fail.pop(0), json={"error": {"message": "boom"}})
+        n = body.get("n", 1)
+        k = len(self.requests)
+        choices = [{
+            "index": i, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": f"reply {k}.{i}"},
+            "logprobs": {"content": [{"token": "t", "logprob": -0.1, "top_logprobs": []}] * (i + 2)}
+            if body.get("logprobs") and self.supports_logprobs else None,
+        } for i in range(n)]
+        usage = {"prompt_tokens": 7, "completion_tokens": sum(i + 2 for i in range(n)), "total_tokens": 0}
+        return httpx.Response(200, json={"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                         "choices": choices, "usage": usage})
+
+
+def make_layer(server: FakeServer, cache=None, retries=2, seed=0):
+    client = EndpointClient(ENDPOINT, {"temperature": 0.7, "max_tokens": 8},
+                            ClientPolicy(retries=retries, backoff_s=0.001),
+                            http_client=httpx.AsyncClient(transport=httpx.MockTransport(server)))
+    records = []
+    return CallLayer({"a": client}, cache or {}, records.append, run_seed=seed), records, client
+
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+async def test_n_samples_in_one_request_with_exact_per_choice_tokens():
+    layer, records, client = make_layer(FakeServer())
+    gens = await layer.for_prompt("p1")("a", MSG, 3)
+    assert client.requests == 1
+    assert [g.completion_tokens for g in gens] == [2, 3, 4]  # from logprobs, not an even split
+    assert all(g.prompt_tokens == 7 and g.ok and not g.cached for g in gens)
+    assert len({g.sample_id for g in gens}) == 3 and len(records) == 3
+
+
+async def test_repeated_identical_request_gets_next_slots_and_rerun_replays_all():
+    server = FakeServer()
+    layer, records, _ = make_layer(server)
+    gen = layer.for_prompt("p1")
+    first, second = await gen("a", MSG, 2), await gen("a", MSG, 1)
+    assert [r.slot for r in records] == [0, 1, 2]
+    # A rerun (new layer, same record) asks the same slots in the same order: zero requests.
+    cache = {r.call_key: r for r in records}
+    layer2, records2, client2 = make_layer(FakeServer(), cache=cache)
+    gen2 = layer2.for_prompt("p1")
+    again = await gen2("a", MSG, 2) + await gen2("a", MSG, 1)
+    assert client2.requests == 0 and records2 == []
+    assert [g.text for g in again] == [g.text for g in first + second]
+    assert all(g.cached for g in again)
+
+
+async def test_key_depends_on_seed_prompt_params_and_model():
+    layer, records, _ = make_layer(FakeServer())
+    await layer.for_prompt("p1")("a", MSG, 1)
+    other_seed, rec2, _ = make_layer(FakeServer(), seed=1)
+    await other_seed.for_prompt("p1")("a", MSG, 1)
+    other_msg, rec3, _ = make_layer(FakeServer())
+    await other_msg.for_prompt("p1")("a", [{"role": "user", "content": "hello"}], 1)
+    assert len({records[0].call_key, rec2[0].call_key, rec3[0].call_key}) == 3
+
+
+async def test_transient_errors_are_retried_with_backoff():
+    server = FakeServer(fail=[503, 502])
+    layer, records, client = make_layer(server, retries=2)
+    gens = await layer.for_prompt("p")("a", MSG, 1)
+    assert client.requests == 3 and gens[0].ok and records[0].status == OK
+
+
+async def test_client_errors_fail_at_once_and_are_recorded_as_rows():
+    layer, records, client = make_layer(FakeServer(fail=[400]), retries=3)
+    gens = await layer.for_prompt("p")("a", MSG, 2)
+    assert client.requests == 1  # a 400 (e.g. prompt too long) is not transient
+    assert [g.status for g in gens] == [ERROR, ERROR] and "BadRequestError 400" in gens[0].error
+    assert [r.status for r in records] == [ERROR, ERROR] and records[0].text is None
+    # An error is never served from the record: the next run asks again.
+    layer2, records2, client2 = make_layer(FakeServer(), cache={r.call_key: r for r in records})
+    again = await layer2.for_prompt("p")("a", MSG, 2)
+    assert client2.requests == 1 and all(g.ok for g in again)
+
+
+async def test_retries_exhausted_become_error_rows():
+    layer, records, client = make_layer(FakeServer(fail=[500] * 5), retries=1)
+    gens = await layer.for_prompt("p")("a", MSG, 1)
+    assert client.requests == 2 and gens[0].status == ERROR and layer.failed["a"] == 1
+
+
+async def test_concurrent_identical_slots_are_made_once():
+    import asyncio
+
+    server = FakeServer()
+    layer, records, client = make_layer(server)
+    # Two prompts' callers would never share slots, but two methods on one layer can ask the
+    # same prompt's first slot at once: it is requested once.
+    g1, g2 = layer.for_prompt("p"), layer.for_prompt("p")
+    a, b = await asyncio.gather(g1("a", MSG, 1), g2("a", MSG, 1))
+    assert client.requests == 1 and a[0].sample_id == b[0].sample_id and len(records) == 1
+
+
+async def test_without_logprobs_tokens_are_split_evenly():
+    layer, _, _ = make_layer(FakeServer(supports_logprobs=False))
+    gens = await layer.for_prompt("p")("a", MSG, 2)
+    assert [g.completion_tokens for g in gens] == [2, 2]  # 5 total, rounded even split
+
+
+async def test_unknown_agent_is_a_clear_error():
+    layer, _, _ = make_layer(FakeServer())
+    with pytest.raises(KeyError, match="unknown agent 'zz'"):
+        await layer.for_prompt("p")("zz", MSG, 1)

@@ -1,0 +1,76 @@
+"""Storage and the SQL views, against real Parquet files and a real DuckDB database."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from toa.db import connect, database_path, query
+from toa.rows import SCHEMAS, frame
+from toa.storage import ShardWriter, Store
+
+
+def call(key, status="ok", created=1.0, prompt="p"):
+    return {"call_key": key, "prompt_id": prompt, "agent": "a", "model": "m", "request_json": "{}", "seed": 1,
+            "slot": 0, "text": "t" if status == "ok" else None, "prompt_tokens": 3, "completion_tokens": 4,
+            "latency_s": 0.1, "status": status, "error": None if status == "ok" else "boom", "created_at": created}
+
+
+def test_write_is_atomic_and_leaves_no_temporaries(tmp_path):
+    store = Store(str(tmp_path))
+    store.write_rows("calls", [call("k1")], "batch=b", "x.parquet")
+    assert sorted(os.listdir(tmp_path / "calls" / "batch=b")) == ["x.parquet"]
+    assert store.read("calls", "batch=b")["call_key"].to_list() == ["k1"]
+
+
+def test_every_table_has_a_view_even_before_data(tmp_path):
+    store = Store(str(tmp_path))
+    con = connect(store)
+    for table in SCHEMAS:
+        assert con.execute(f"select count(*) from {table}").fetchone() == (0,)
+    assert database_path(store) == tmp_path / "toa.duckdb"
+
+
+def test_calls_view_deduplicates_keeping_the_success(tmp_path):
+    store = Store(str(tmp_path))
+    writer = ShardWriter(store, "calls", "batch=b", flush_rows=2)
+    for row in [call("k1", "error", 1.0), call("k1", "ok", 2.0), call("k2"), call("k2")]:  # k2 twice: a re-written shard
+        writer.append(row)
+    writer.flush()
+    df = query(store, "select call_key, status from calls order by call_key")
+    assert df.rows() == [("k1", "ok"), ("k2", "ok")]
+    attempts = query(store, "select count(*) as n from call_attempts where call_key = ?", ["k1"])
+    assert attempts["n"][0] == 2  # the failed attempt is still there to count
+
+
+def test_method_summary_from_samples(tmp_path):
+    store = Store(str(tmp_path))
+    rows = []
+    for method, rewards in (("random", [0.2, 0.4, None]), ("parallel_ensemble", [0.9, 0.1, 0.5])):
+        for i, r in enumerate(rewards):
+            rows.append({"run_id": "r1", "method": method, "batch": "b", "prompt_id": "p", "sample_id": f"{method}{i}",
+                         "order": i, "agent": "a", "action": "a", "prompt_tokens": 10, "completion_tokens": 5,
+                         "status": "ok" if r is not None else "error", "reward": r,
+                         "reward_status": "ok" if r is not None else "error"})
+    store.write_frame(frame("samples", rows), store.path("samples", "run=r1", "b.parquet"))
+    out = {r["method"]: r for r in query(store, "select * from method_summary where run_id = ?", ["r1"]).to_dicts()}
+    assert out["random"]["best_reward"] == pytest.approx(0.4) and out["random"]["mean_reward"] == pytest.approx(0.3)
+    assert out["random"]["generation_errors"] == 1 and out["random"]["generations"] == 3
+    assert out["parallel_ensemble"]["best_reward"] == pytest.approx(0.9)
+    assert out["parallel_ensemble"]["completion_tokens"] == 15
+
+
+def test_root_with_quote_in_path_is_safe(tmp_path):
+    root = tmp_path / "it's here"
+    store = Store(str(root))
+    store.write_rows("calls", [call("k1")], "batch=b", "x.parquet")
+    assert query(store, "select count(*) as n from calls")["n"][0] == 1
+
+
+def test_unwritable_root_fails_before_any_work(tmp_path):
+    # (Running as root ignores permission bits, so the root sits below a regular file instead.)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises((NotADirectoryError, FileExistsError, PermissionError)):
+        Store(str(blocker / "results")).init_tables()

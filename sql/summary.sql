@@ -6,7 +6,7 @@ SELECT run_id, method, prompt_id,
        max(reward) FILTER (WHERE status = 'ok' AND reward_status = 'ok') AS best_reward,
        avg(reward) FILTER (WHERE status = 'ok' AND reward_status = 'ok') AS mean_reward,
        count(*) FILTER (WHERE action <> 'method_error') AS generations,
-       count(*) FILTER (WHERE status <> 'ok' OR reward_status <> 'ok') AS errors
+       count(*) FILTER (WHERE status = 'error' OR reward_status = 'error') AS errors
 FROM samples
 GROUP BY ALL;
 
@@ -17,7 +17,7 @@ WITH s AS (
            count(DISTINCT prompt_id) AS prompts,
            count(*) FILTER (WHERE action <> 'method_error') AS generations,
            count(*) FILTER (WHERE status <> 'ok') AS generation_errors,
-           count(*) FILTER (WHERE status = 'ok' AND reward_status <> 'ok') AS reward_errors,
+           count(*) FILTER (WHERE status = 'ok' AND reward_status = 'error') AS reward_errors,
            sum(prompt_tokens)::BIGINT AS prompt_tokens,
            sum(completion_tokens)::BIGINT AS completion_tokens
     FROM samples GROUP BY ALL

@@ -17,3 +17,34 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def embedded_servers(tmp_path_factory):
+    """Both embedded models served by real vLLM CPU servers, started once (concurrently) for
+    the tests that attach to running endpoints: {alias: Endpoint}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from toa.servers import LaunchSpec, start_vllm
+
+    log_dir = tmp_path_factory.mktemp("server-logs")
+    models = {"smollm2": "embedded:smollm2-135m-instruct", "gemma3": "embedded:gemma3-270m"}
+    with ThreadPoolExecutor(len(models)) as pool:
+        futures = {a: pool.submit(start_vllm, a, LaunchSpec(model=m), log_dir) for a, m in models.items()}
+        handles = {a: f.result() for a, f in futures.items()}
+    yield {a: h.endpoint for a, h in handles.items()}
+    for h in handles.values():
+        h.stop()
+
+
+def attached_agents(endpoints, max_tokens: int = 32, key_env: bool = False) -> list[dict]:
+    """Agent configs that attach to running endpoints (key inline, or via TOA_TEST_KEY_<ALIAS>)."""
+    agents = []
+    for alias, ep in endpoints.items():
+        endpoint = {"base_url": ep.base_url, "model": ep.model}
+        if key_env:
+            endpoint["api_key_env"] = f"TOA_TEST_KEY_{alias.upper()}"
+        else:
+            endpoint["api_key"] = ep.api_key.get_secret_value()
+        agents.append({"alias": alias, "endpoint": endpoint, "sampling": {"max_tokens": max_tokens}})
+    return agents

@@ -3,6 +3,7 @@
     toa setup                      one-time: vLLM CPU environment (no GPU) + embedded models
     toa run [--config run.toml] [--set key=value ...]   run the `toa` flow and print the summary
     toa sql "select ..." [--root results]               query the results with DuckDB
+    toa tree <prompt_id> [--html tree.html]             show one prompt's search tree
     toa methods                    list the sampling methods
 """
 
@@ -84,6 +85,29 @@ def cmd_sql(args) -> None:
         print(df)
 
 
+def cmd_tree(args) -> None:
+    from toa.db import query
+    from toa.storage import Store
+    from toa.treeview import render_html, render_text, tree_frames
+
+    store = Store(args.root or load_config(args.config).results_root)
+    where = "prompt_id = ? AND method = ?"
+    nodes = query(store, f"SELECT * FROM tree_nodes WHERE {where}", [args.prompt_id, args.method])
+    samples = query(store, f"SELECT * FROM samples WHERE {where}", [args.prompt_id, args.method])
+    if nodes.is_empty():
+        raise SystemExit(f"no {args.method} tree stored for prompt {args.prompt_id!r} under {store.url}")
+    try:
+        samples, nodes = tree_frames(samples, nodes, args.prompt_id, run_id=args.run, method=args.method)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    print(render_text(nodes, samples, width=args.width))
+    if args.html:
+        title = f"toa tree: prompt {args.prompt_id} ({args.method}, run {nodes['run_id'][0]})"
+        with open(args.html, "w", encoding="utf-8") as fh:
+            fh.write(render_html(nodes, samples, title))
+        print(f"picture: {args.html}")
+
+
 def cmd_methods(args) -> None:
     from toa.methods import method_names
 
@@ -106,6 +130,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-rows", type=int, default=50)
     p.add_argument("--width", type=int, default=60, help="characters shown per text cell")
     p.set_defaults(fn=cmd_sql)
+    p = sub.add_parser("tree", help="show one prompt's search tree (text, and HTML with --html)")
+    p.add_argument("prompt_id")
+    p.add_argument("--method", default="toa")
+    p.add_argument("--run", help="run id (needed when several runs hold this prompt's tree)")
+    p.add_argument("--root", help="results root (default: the config's results_root)")
+    p.add_argument("--config")
+    p.add_argument("--html", help="also write a self-contained HTML picture of the tree here")
+    p.add_argument("--width", type=int, default=60, help="characters of each response shown")
+    p.set_defaults(fn=cmd_tree)
     sub.add_parser("methods", help="list sampling methods").set_defaults(fn=cmd_methods)
     args = parser.parse_args(argv)
     try:

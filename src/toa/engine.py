@@ -184,7 +184,7 @@ def _write_outputs(store: Store, run_id: str, method: str, batch: str, outputs) 
         for s in out.samples:
             sample_rows.append(sample_row(s, prompt_id=prompt.prompt_id, **keys))
             stats.cached += s.generation.cached
-            stats.reward_errors += s.generation.ok and not s.score.ok
+            stats.reward_errors += s.generation.ok and s.score.status == ERROR
             stats.prompt_tokens += s.generation.prompt_tokens
             stats.completion_tokens += s.generation.completion_tokens
         node_rows += [{**asdict(n), **keys, "prompt_id": prompt.prompt_id} for n in out.nodes]

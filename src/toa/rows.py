@@ -21,6 +21,7 @@ import polars as pl
 
 OK = "ok"
 ERROR = "error"
+SKIPPED = "skipped"  # a Score for a sample that is not a response to the prompt (PRS feedback)
 
 
 def content_key(*parts: Any) -> str:
@@ -218,6 +219,6 @@ def sample_row(sample: Sample, *, run_id: str, method: str, batch: str, prompt_i
 
 
 __all__ = [
-    "OK", "ERROR", "content_key", "Prompt", "SkippedRow", "Generation", "Score", "Sample",
+    "OK", "ERROR", "SKIPPED", "content_key", "Prompt", "SkippedRow", "Generation", "Score", "Sample",
     "TreeNode", "MethodOutput", "CallRecord", "RewardRecord", "SCHEMAS", "frame", "sample_row",
 ]

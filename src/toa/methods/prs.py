@@ -28,11 +28,11 @@ Decisions where methods.md is silent:
 from __future__ import annotations
 
 from toa.methods.base import MethodContext, register, score_all, user
-from toa.rows import Generation, MethodOutput, Sample, Score
+from toa.rows import Generation, MethodOutput, Sample, Score, SKIPPED
 from toa.templates import load
 
 DEFAULT_PREFERENCE = load("preference").text
-FEEDBACK_SKIPPED = Score(None, "skipped", "feedback is advice on y*, not a response to the prompt")
+FEEDBACK_SKIPPED = Score(None, SKIPPED, "feedback is advice on y*, not a response to the prompt")
 # Why a fixed header here and not a template file: it only frames the model's own feedback
 # inside refine.txt's optional {feedback} slot; the full request text is in the cache key anyway.
 FEEDBACK_BLOCK = "## Feedback on the answer below (address every point)\n{feedback}\n\n"

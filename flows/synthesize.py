@@ -1,5 +1,5 @@
 """The `toa` flow (deployment `synthesize`): servers -> prompts -> sampling per (method, batch)
--> datasets -> summary. It only orchestrates; every step is a task in tasks/.
+-> datasets -> summary -> report. It only orchestrates; every step is a task in tasks/.
 
 Failed batches do not stop the others: the flow builds datasets from what finished, publishes
 the summary, and then fails naming the failed batches, so Retry in the Prefect UI (or
@@ -21,7 +21,7 @@ from toa.reward import build_backend
 from toa.storage import Store
 from toa.tasks.datasets import build_datasets
 from toa.tasks.prompts import load_prompt_batches
-from toa.tasks.report import record_run, summarize
+from toa.tasks.report import publish_report, record_run, summarize
 from toa.tasks.sampling import sample_batch
 from toa.tasks.servers import start_endpoints, stop_servers
 
@@ -69,8 +69,9 @@ def toa(
         stop_servers()
     counts = build_datasets(cfg, run_id, batches[0].source) if batches else {}
     table = summarize(cfg, run_id, stats)
+    report = publish_report(cfg, run_id)
     result = {"run_id": run_id, "results_root": cfg.results_root, "summary": table, "datasets": counts,
-              "failed_batches": failed}
+              "report": report, "failed_batches": failed}
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(futures)} batches failed after retries: {failed}; "
                            "their errors are rows in the samples/calls views; retry this flow run to redo them")

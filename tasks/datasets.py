@@ -1,14 +1,22 @@
 """Dataset assembly task: SFT and DPO per method from the stored samples, as Parquet shards
-(views `sft`, `dpo`) and as JSONL files trainers read, under <root>/exports/run=<id>/."""
+(views `sft`, `dpo`), then the JSONL files trainers read (toa.exports) under
+<root>/exports/run=<id>/<method>/ (./toa-exports/ when the results root is remote)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from toa.config import RunConfig
-from toa.datasets import build_dpo, build_sft, dpo_jsonl, sft_jsonl
+from toa.datasets import build_dpo, build_sft
+from toa.exports import export_run
 from toa.storage import Store
+
+
+def exports_dir(store: Store, run_id: str) -> str:
+    return store.path("exports", f"run={run_id}") if store.local else str(Path.cwd() / "toa-exports" / f"run={run_id}")
 
 
 @task(name="build-datasets", cache_policy=NO_CACHE)
@@ -22,7 +30,6 @@ def build_datasets(cfg: RunConfig, run_id: str, prompt_source: str) -> dict[str,
         sft, dpo = build_sft(mine, prompts), build_dpo(mine, prompts, cfg.rejected_rank)
         store.write_frame(sft, store.path("sft", f"run={run_id}", f"{method}.parquet"))
         store.write_frame(dpo, store.path("dpo", f"run={run_id}", f"{method}.parquet"))
-        store.write_bytes(sft_jsonl(sft).encode(), "exports", f"run={run_id}", method, "sft.jsonl")
-        store.write_bytes(dpo_jsonl(dpo).encode(), "exports", f"run={run_id}", method, "dpo.jsonl")
         counts[method] = {"sft": sft.height, "dpo": dpo.height}
+    export_run(store, run_id, exports_dir(store, run_id), formats=("jsonl",))
     return counts

@@ -1,5 +1,6 @@
-"""Run record and report tasks: the `runs` row, and the per-method summary table (best and
-mean reward, generations, tokens, errors, new model calls) as a Prefect table artifact."""
+"""Run record and report tasks: the `runs` row, the per-method summary table (best and mean
+reward, generations, tokens, errors, new model calls) as a Prefect table artifact, and the
+run report (plots, Markdown, HTML; toa.report) attached to the flow run."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from toa import templates
 from toa.config import RunConfig
 from toa.db import query
+from toa.report import build_report, publish_artifacts
 from toa.engine import BatchStats
 from toa.servers import Endpoint
 from toa.storage import Store
@@ -26,6 +28,7 @@ def record_run(cfg: RunConfig, run_id: str, endpoints: dict[str, Endpoint], rewa
         "run_id": run_id, "started_at": started,
         "config_json": cfg.model_dump_json(),  # SecretStr fields dump as '**********'
         "models_json": json.dumps({"agents": {a: e.identity for a, e in endpoints.items()},
+                                   "base_urls": {a: e.base_url for a, e in endpoints.items()},
                                    "templates": templates.hashes()}),
         "reward_id": reward_id,
     }
@@ -43,3 +46,18 @@ def summarize(cfg: RunConfig, run_id: str, stats: list[BatchStats]) -> list[dict
     create_table_artifact(key=f"toa-summary-{run_id}", table=table,
                           description=f"toa run {run_id}: per-method summary at a budget of {cfg.budget} generations per prompt")
     return table
+
+
+def report_dir(store: Store, run_id: str) -> str:
+    """Reports sit with the results when those are local, else in ./toa-reports."""
+    from pathlib import Path
+
+    return store.path("reports", f"run={run_id}") if store.local else str(Path.cwd() / "toa-reports" / f"run={run_id}")
+
+
+@task(name="publish-report", cache_policy=NO_CACHE)
+def publish_report(cfg: RunConfig, run_id: str) -> str:
+    store = Store(cfg.results_root, cfg.storage_options)
+    out = report_dir(store, run_id)
+    publish_artifacts(build_report(store, run_id, out), run_id)
+    return out

@@ -31,10 +31,15 @@ def embedded_servers(tmp_path_factory):
     models = {"smollm2": "embedded:smollm2-135m-instruct", "gemma3": "embedded:gemma3-270m"}
     with ThreadPoolExecutor(len(models)) as pool:
         futures = {a: pool.submit(start_vllm, a, LaunchSpec(model=m), log_dir) for a, m in models.items()}
-        handles = {a: f.result() for a, f in futures.items()}
-    yield {a: h.endpoint for a, h in handles.items()}
-    for h in handles.values():
-        h.stop()
+    handles = {a: f.result() for a, f in futures.items() if f.exception() is None}
+    try:
+        failed = [f.exception() for f in futures.values() if f.exception() is not None]
+        if failed:
+            raise failed[0]  # the other server is stopped below, not left running
+        yield {a: h.endpoint for a, h in handles.items()}
+    finally:
+        for h in handles.values():
+            h.stop()
 
 
 def attached_agents(endpoints, max_tokens: int = 32, key_env: bool = False) -> list[dict]:

@@ -18,15 +18,18 @@ pytestmark = pytest.mark.integration
 N_PROMPTS, N = 4, 2
 
 
-def vllm_processes() -> list[int]:
+def vllm_processes(ports: list[int]) -> list[int]:
+    """PIDs of vLLM servers listening on these ports (other tests may run servers of their own)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if b"vllm.entrypoints" in (proc / "cmdline").read_bytes():
-                    pids.append(int(proc.name))
+                args = (proc / "cmdline").read_bytes().split(b"\0")
             except OSError:
-                pass
+                continue
+            if b"vllm.entrypoints.openai.api_server" in args and any(
+                    args[i + 1] == str(p).encode() for i, a in enumerate(args[:-1]) if a == b"--port" for p in ports):
+                pids.append(int(proc.name))
     return pids
 
 
@@ -88,8 +91,11 @@ def test_summary_and_datasets(first, root):
     assert len(lines) == N_PROMPTS and lines[0]["messages"][1]["role"] == "assistant"
 
 
-def test_servers_are_stopped_after_the_flow(first):
-    assert vllm_processes() == []
+def test_servers_are_stopped_after_the_flow(first, root):
+    runs = query(Store(root), "select models_json from runs where run_id = ?", [first["run_id"]])
+    urls = [u for row in runs["models_json"] for u in json.loads(row)["base_urls"].values()]
+    ports = [int(u.rsplit(":", 1)[1].split("/")[0]) for u in urls]
+    assert len(ports) == 2 and vllm_processes(ports) == []
 
 
 def test_rerun_makes_zero_model_calls_and_identical_datasets(first, root):

@@ -23,7 +23,8 @@ from toa.reward import (
     response_sha,
     reward_key,
 )
-from toa.reward.math_verify import extract_answer, score_one
+from toa.reward.math_verify import IDENTITY as MATH_IDENTITY
+from toa.reward.math_verify import extract_answer, parse_value, score_one
 from toa.rows import ERROR, OK, Prompt, RewardRecord, Score
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test_dev300.jsonl"
@@ -239,7 +240,7 @@ def test_config_defaults_and_descriptions():
 def test_build_backend_and_service():
     assert isinstance(build_backend(RewardConfig(kind="math")), MathReward)
     svc = build_service(RewardConfig(kind="math", batch_size=8, max_wait_ms=5, retries=1))
-    assert (svc.max_batch, svc.max_wait_s, svc.retries, svc.identity) == (8, 0.005, 1, "math_verify:v1")
+    assert (svc.max_batch, svc.max_wait_s, svc.retries, svc.identity) == (8, 0.005, 1, MATH_IDENTITY)
 
 
 # ---- real SimilarityReward on the shipped MiniLM --------------------------------------------
@@ -310,6 +311,40 @@ def test_extract_answer(response, expected):
     ("18", "The answer is 18.0", 1.0), ("18", "The answer is 19", 0.0), ("18", "", 0.0),
 ])
 def test_math_score_one(reference, response, value):
+    assert score_one(Prompt("p", "q", reference=reference), response) == Score(value, OK, None)
+
+
+@pytest.mark.parametrize("expr,expected", [
+    (r"\frac{\sqrt{3}}{2}", math.sqrt(3) / 2), (r"-\dfrac{1}{2}", -0.5), (r"\tfrac12", 0.5),
+    ("3/4", 0.75), ("x = 5", 5.0), (r"2\sqrt{3}", 2 * math.sqrt(3)), (r"\sqrt[3]{27}", 3.0),
+    ("1{,}234", 1234.0), (r"1\,234", 1234.0), (r"10\%", 10.0), (r"\$18.90", 18.9),
+    (r"\frac{\pi}{2}", math.pi / 2), (r"5\text{ cm}", 5.0), ("2^{10}", 1024.0),
+    (r"45^\circ", 45.0), ("+5", 5.0), ("\u22125", -5.0), (r"3 \cdot 4", 12.0),
+    ("(1, 2)", None), (r"\text{(C)}", None), ("9^{9^{9}}", None), ("__import__('os')", None),
+])
+def test_parse_value(expr, expected):
+    got = parse_value(expr)
+    assert got == expected if expected is None else math.isclose(got, expected)
+
+
+@pytest.mark.parametrize("reference,response,value", [
+    ("0.75", r"so \boxed{\frac{3}{4}}", 1.0),
+    ("3/4", "the answer is 0.75", 1.0),
+    (r"\frac{3}{4}", "The answer is 3/4", 1.0),
+    (r"\dfrac{\sqrt{2}}{2}", r"\boxed{\frac{1}{\sqrt{2}}}", 1.0),
+    ("1234", r"\boxed{1{,}234}", 1.0),
+    ("-7", "\u22127 is the result", 1.0),
+    ("5", r"Solving, we get $x = 5$.", 1.0),
+    (r"\sqrt{2}", r"\boxed{\sqrt2}", 1.0),
+    (r"\sqrt{2}", r"\boxed{2}", 0.0),
+    ("25", "It grew by 25%.", 1.0),
+    (r"\boxed{\frac{a}{b}}", "", 0.0),
+    ("(3, -1)", r"The point is \boxed{\left( 3, -1 \right)}.", 1.0),
+    ("(3, -1)", r"\boxed{(3, 1)}", 0.0),
+    (r"\text{(C)}", r"\boxed{\textbf{(C)}}", 1.0),
+    (r"\text{(C)}", "(C)", 0.0),  # a symbolic answer must be boxed
+])
+def test_math_style_answers(reference, response, value):
     assert score_one(Prompt("p", "q", reference=reference), response) == Score(value, OK, None)
 
 

@@ -4,6 +4,8 @@
     toa run [--config run.toml] [--set key=value ...]   run the `toa` flow and print the summary
     toa sql "select ..." [--root results]               query the results with DuckDB
     toa tree <prompt_id> [--html tree.html]             show one prompt's search tree
+    toa report <run_id> [--out DIR]                     plots + Markdown/HTML report of a run
+    toa export <run_id> [--out DIR] [--push-to-hub ID]  SFT/DPO as Parquet, JSONL, HF datasets
     toa methods                    list the sampling methods
 """
 
@@ -79,8 +81,7 @@ def cmd_sql(args) -> None:
     from toa.db import query
     from toa.storage import Store
 
-    root = args.root or load_config(args.config).results_root
-    df = query(Store(root), args.query)
+    df = query(Store(_root(args)), args.query)
     with pl.Config(tbl_rows=args.max_rows, tbl_cols=50, fmt_str_lengths=args.width, tbl_width_chars=240):
         print(df)
 
@@ -90,7 +91,7 @@ def cmd_tree(args) -> None:
     from toa.storage import Store
     from toa.treeview import render_html, render_text, tree_frames
 
-    store = Store(args.root or load_config(args.config).results_root)
+    store = Store(_root(args))
     where = "prompt_id = ? AND method = ?"
     nodes = query(store, f"SELECT * FROM tree_nodes WHERE {where}", [args.prompt_id, args.method])
     samples = query(store, f"SELECT * FROM samples WHERE {where}", [args.prompt_id, args.method])
@@ -106,6 +107,34 @@ def cmd_tree(args) -> None:
         with open(args.html, "w", encoding="utf-8") as fh:
             fh.write(render_html(nodes, samples, title))
         print(f"picture: {args.html}")
+
+
+def _root(args) -> str:
+    return args.root or load_config(args.config).results_root
+
+
+def cmd_report(args) -> None:
+    from toa.report import build_report
+    from toa.storage import Store
+    from toa.tasks.report import report_dir
+
+    store = Store(_root(args))
+    paths = build_report(store, args.run_id, args.out or report_dir(store, args.run_id))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+def cmd_export(args) -> None:
+    from toa.exports import export_run
+    from toa.storage import Store
+
+    from toa.tasks.datasets import exports_dir
+
+    store = Store(_root(args))
+    out = args.out or exports_dir(store, args.run_id)
+    paths = export_run(store, args.run_id, out, formats=tuple(args.format or ("parquet", "jsonl", "hf")), push_to_hub=args.push_to_hub)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
 
 
 def cmd_methods(args) -> None:
@@ -139,6 +168,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--html", help="also write a self-contained HTML picture of the tree here")
     p.add_argument("--width", type=int, default=60, help="characters of each response shown")
     p.set_defaults(fn=cmd_tree)
+    for name, fn, what in (("report", cmd_report, "plots and a Markdown/HTML report of a run"),
+                           ("export", cmd_export, "SFT/DPO as Parquet, JSONL and Hugging Face datasets")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("run_id")
+        p.add_argument("--root", help="results root (default: the config's results_root)")
+        p.add_argument("--config")
+        p.add_argument("--out", help="output folder (default: under the results root)")
+        if name == "export":
+            p.add_argument("--format", action="append", choices=["parquet", "jsonl", "hf"],
+                           default=None, help="repeatable; default all three")
+            p.add_argument("--push-to-hub", help="Hugging Face dataset repo id to push to")
+        p.set_defaults(fn=fn)
     sub.add_parser("methods", help="list sampling methods").set_defaults(fn=cmd_methods)
     args = parser.parse_args(argv)
     try:

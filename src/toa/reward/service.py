@@ -261,7 +261,9 @@ class RewardService:
 def _checked(score: Score) -> Score:
     """A backend "ok" without a finite value is not a reward: it becomes an error, never a 0."""
     if score.status == OK and score.value is not None and math.isfinite(score.value):
-        return Score(float(score.value), OK, None)
+        # An ok score may carry a note (e.g. "truncated to 4096 tokens", a judge's raw output):
+        # it is stored with the record, so the mark survives into the samples table.
+        return Score(float(score.value), OK, score.error)
     if score.status == OK:
         return Score(None, ERROR, f"backend returned a non-finite value: {score.value!r}")
     return Score(None, ERROR, score.error or "backend returned an error without a message")

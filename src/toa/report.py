@@ -1,0 +1,270 @@
+"""The report of one run: plots, a Markdown and a self-contained HTML page, Prefect artifacts.
+
+Everything comes from the SQL views (sql/analysis.sql, sql/summary.sql), so the report shows
+exactly what a user querying the database sees:
+- curves.png: best reward against generations per prompt (k) and against tokens per prompt,
+  one line per method; solid = expected best of k random samples (`best_of_k`), dashed = best
+  of the first k in generation order (`best_of_k_prefix`, the reference's curve);
+- agent_share.png: per method, the share of prompts whose best response each agent wrote;
+- report.md (images next to it), report.html (images embedded, one file to mail or archive),
+  best_of_k.csv (the curve table, also the Prefect table artifact).
+
+Plots use matplotlib's object API (Figure, no pyplot): no global backend or figure registry,
+so building a report from a worker thread or a Prefect task is safe.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from toa.db import connect
+from toa.storage import Store
+
+CURVE_STYLES = {"expected": "-", "prefix": "--"}
+
+
+@dataclass
+class RunTables:
+    """What the report shows, one DataFrame per view, already filtered to the run."""
+
+    config: dict[str, Any] | None
+    summary: pl.DataFrame
+    best_of_k: pl.DataFrame
+    prefix: pl.DataFrame
+    tokens: pl.DataFrame
+    agent_share: pl.DataFrame
+    calls: pl.DataFrame
+    trees: pl.DataFrame
+    dpo: pl.DataFrame
+
+
+# Every query binds the run id; the view names are fixed text.
+QUERIES = {
+    "summary": "SELECT * EXCLUDE (run_id) FROM method_summary WHERE run_id = ?",
+    "best_of_k": "SELECT method, k, best_reward, tokens, prompts FROM best_of_k WHERE run_id = ? ORDER BY method, k",
+    "prefix": "SELECT method, k, best_reward, tokens, prompts FROM best_of_k_prefix WHERE run_id = ? ORDER BY method, k",
+    "tokens": "SELECT * EXCLUDE (run_id) FROM reward_vs_tokens_summary WHERE run_id = ?",
+    "agent_share": "SELECT method, agent, best_prompts, prompts, share FROM agent_best_share WHERE run_id = ? ORDER BY method, agent",
+    "calls": """SELECT method, agent, calls, replayed, error_rate, prompt_tokens, completion_tokens,
+                       latency_p50_s, latency_p95_s, attempts, attempt_error_rate
+                FROM call_stats WHERE run_id = ? ORDER BY method, agent""",
+    "trees": """SELECT method, avg(depth) AS mean_depth, avg(max_width) AS mean_max_width,
+                       sum(refinements)::BIGINT AS refinements, sum(improved)::BIGINT AS improved,
+                       sum(improved) / nullif(sum(refinements), 0) AS improve_rate
+                FROM tree_stats WHERE run_id = ? GROUP BY method ORDER BY method""",
+    "dpo": "SELECT * EXCLUDE (run_id) FROM dpo_margin_summary WHERE run_id = ?",
+}
+CONFIG_QUERY = "SELECT config_json FROM runs WHERE run_id = ? ORDER BY started_at DESC LIMIT 1"
+
+
+def load_tables(store: Store, run_id: str) -> RunTables:
+    con = connect(store)
+    try:
+        frames = {name: con.sql(sql, params=[run_id]).pl() for name, sql in QUERIES.items()}
+        configs = con.sql(CONFIG_QUERY, params=[run_id]).pl()["config_json"].to_list()
+    finally:
+        con.close()
+    if frames["summary"].is_empty():
+        raise LookupError(f"run {run_id!r} has no samples in {store.url}")
+    return RunTables(config=json.loads(configs[0]) if configs and configs[0] else None, **frames)
+
+
+# -- plots -----------------------------------------------------------------------------------
+def _colors(methods: list[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"]
+    return {m: palette(i % 10) for i, m in enumerate(methods)}
+
+
+def plot_curves(t: RunTables, path: Path, run_id: str) -> Path:
+    """Two panels, one figure: best reward vs k, and vs tokens per prompt."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    methods = t.summary["method"].to_list()
+    colors = _colors(methods)
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    by_k, by_tokens = fig.subplots(1, 2)
+    for kind, df in (("expected", t.best_of_k), ("prefix", t.prefix)):
+        for method in methods:
+            mine = df.filter(pl.col("method") == method)
+            style = dict(color=colors[method], linestyle=CURVE_STYLES[kind], marker="o", markersize=3)
+            by_k.plot(mine["k"], mine["best_reward"], **style)
+            by_tokens.plot(mine["tokens"], mine["best_reward"], **style)
+    by_k.set(xlabel="generations per prompt (k)", ylabel="best reward (mean over prompts)",
+             title="Best reward vs generations")
+    by_tokens.set(xlabel="prompt + completion tokens per prompt", ylabel="best reward (mean over prompts)",
+                  title="Best reward vs tokens")
+    by_k.xaxis.get_major_locator().set_params(integer=True)
+    for ax in (by_k, by_tokens):
+        ax.grid(alpha=0.3)
+    # Methods by colour under the figure; the two curve kinds by line style inside the left panel.
+    fig.legend(handles=[Line2D([], [], color=colors[m], label=m) for m in methods], title="method",
+               loc="outside lower center", ncols=min(len(methods), 6), frameon=False)
+    by_k.legend(handles=[Line2D([], [], color="0.3", linestyle=CURVE_STYLES["expected"], label="expected best of k random samples"),
+                         Line2D([], [], color="0.3", linestyle=CURVE_STYLES["prefix"], label="best of first k in generation order")],
+                loc="lower right", fontsize=8)
+    fig.suptitle(f"toa run {run_id}")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_agent_share(t: RunTables, path: Path, run_id: str) -> Path:
+    """Grouped bars: one group per method, one bar per agent, height = share of best responses."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    methods = t.summary["method"].to_list()
+    agents = sorted(set(t.agent_share["agent"].to_list()))
+    colors = _colors(agents)
+    fig = Figure(figsize=(max(6.0, 2.0 + 0.7 * len(methods) * len(agents)), 4.2), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(agents))
+    for j, agent in enumerate(agents):
+        mine = t.agent_share.filter(pl.col("agent") == agent)
+        share = dict(zip(mine["method"].to_list(), mine["share"].to_list()))
+        xs = [i + (j - (len(agents) - 1) / 2) * width for i in range(len(methods))]
+        bars = ax.bar(xs, [share.get(m) or 0.0 for m in methods], width, label=agent, color=colors[agent])
+        ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set(ylim=(0, 1.12), ylabel="share of prompts won", title=f"Which agent wrote the best response (run {run_id})")
+    ax.grid(axis="y", alpha=0.3)
+    # Patches, not the bars: a bar container whose first bar has height 0 draws an empty key.
+    fig.legend(handles=[Patch(color=colors[a], label=a) for a in agents], title="agent", frameon=False,
+               loc="outside right upper")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# -- tables ----------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 10_000 else f"{value:.4f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def curve_table(df: pl.DataFrame) -> pl.DataFrame:
+    """k down the side, one best-reward column per method: the curves as a readable table."""
+    if df.is_empty():
+        return pl.DataFrame({"k": []})
+    return df.pivot(on="method", index="k", values="best_reward").sort("k")
+
+
+def markdown_table(df: pl.DataFrame) -> str:
+    if df.width == 0 or df.is_empty():
+        return "_(none)_\n"
+    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * df.width + "\n"
+    return head + "".join("| " + " | ".join(_fmt(v).replace("|", "\\|") for v in row) + " |\n" for row in df.rows())
+
+
+def html_table(df: pl.DataFrame) -> str:
+    if df.width == 0 or df.is_empty():
+        return "<p><em>(none)</em></p>"
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in df.rows())
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def sections(t: RunTables) -> list[tuple[str, str, pl.DataFrame]]:
+    """(title, explanation, table) in report order; the Markdown and the HTML render the same list."""
+    return [
+        ("Methods", "Per method at equal budget (method_summary).", t.summary),
+        ("Best of k (expected, random subsets)", "Mean over prompts of the expected best reward of k samples "
+         "drawn at random from the prompt's scored samples (view best_of_k).", curve_table(t.best_of_k)),
+        ("Best of k (first k in generation order)", "Mean over prompts of the best reward among the first k "
+         "generations (view best_of_k_prefix).", curve_table(t.prefix)),
+        ("Reward vs tokens", "Mean best reward and tokens spent per prompt (reward_vs_tokens_summary).", t.tokens),
+        ("Agent share of best responses", "agent_best_share.", t.agent_share),
+        ("Calls", "Per method and agent (call_stats); latency in seconds.", t.calls),
+        ("Trees and refinement", "Depth, width and how often a refinement beat its parent (tree_stats).", t.trees),
+        ("DPO pair margins", "chosen - rejected reward (dpo_margin_summary).", t.dpo),
+    ]
+
+
+# -- documents -------------------------------------------------------------------------------
+def _config_text(t: RunTables) -> str:
+    return json.dumps(t.config, indent=2, ensure_ascii=False) if t.config is not None else "(no runs row for this run)"
+
+
+def render_markdown(t: RunTables, run_id: str, images: dict[str, str]) -> str:
+    """`images` maps a caption to an image reference (a relative path, or a data URI)."""
+    parts = [f"# toa report: run {run_id}\n"]
+    parts += [f"![{caption}]({ref})\n" for caption, ref in images.items()]
+    for title, note, df in sections(t):
+        parts.append(f"## {title}\n\n{note}\n\n{markdown_table(df)}")
+    parts.append(f"## Run config\n\n```json\n{_config_text(t)}\n```\n")
+    return "\n".join(parts)
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+HTML_STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
+pre{background:#f6f6f6;padding:1em;overflow:auto}"""
+
+
+def render_html(t: RunTables, run_id: str, images: dict[str, Path]) -> str:
+    title = html.escape(f"toa report: run {run_id}")
+    body = [f"<h1>{title}</h1>"]
+    body += [f'<figure><img alt="{html.escape(c)}" src="{_data_uri(p)}"><figcaption>{html.escape(c)}</figcaption></figure>'
+             for c, p in images.items()]
+    for name, note, df in sections(t):
+        body.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(note)}</p>{html_table(df)}")
+    body.append(f"<h2>Run config</h2><pre>{html.escape(_config_text(t))}</pre>")
+    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{HTML_STYLE}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def build_report(store: Store, run_id: str, out_dir: str | Path) -> dict[str, Path]:
+    """Write the plots, report.md, report.html and best_of_k.csv for one run; returns their paths
+    under the keys curves, agent_share, markdown, html, best_of_k."""
+    t = load_tables(store, run_id)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"curves": plot_curves(t, out / "curves.png", run_id),
+             "agent_share": plot_agent_share(t, out / "agent_share.png", run_id)}
+    captions = {"Best reward vs generations and tokens": paths["curves"],
+                "Agent share of best responses": paths["agent_share"]}
+    t.best_of_k.write_csv(out / "best_of_k.csv")
+    paths["best_of_k"] = out / "best_of_k.csv"
+    paths["markdown"] = out / "report.md"
+    paths["markdown"].write_text(render_markdown(t, run_id, {c: p.name for c, p in captions.items()}), encoding="utf-8")
+    paths["html"] = out / "report.html"
+    paths["html"].write_text(render_html(t, run_id, captions), encoding="utf-8")
+    return paths
+
+
+# -- Prefect ---------------------------------------------------------------------------------
+def artifact_key(prefix: str, run_id: str) -> str:
+    """Prefect artifact keys allow only lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{prefix}-{run_id}".lower())
+
+
+def publish_artifacts(paths: dict[str, Path], run_id: str) -> None:
+    """Attach the report to the current flow run: the Markdown (plots inlined as data URIs, since
+    the Prefect UI cannot reach local files) and the best-of-k table."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    markdown = Path(paths["markdown"]).read_text(encoding="utf-8")
+    for key in ("curves", "agent_share"):
+        name = Path(paths[key]).name
+        markdown = markdown.replace(f"]({name})", f"]({_data_uri(Path(paths[key]))})")
+    create_markdown_artifact(key=artifact_key("toa-report", run_id), markdown=markdown,
+                             description=f"toa run {run_id}: report (files in {Path(paths['html']).parent})")
+    table = pl.read_csv(paths["best_of_k"]).to_dicts()
+    create_table_artifact(key=artifact_key("toa-best-of-k", run_id), table=table,
+                          description=f"toa run {run_id}: expected best reward of k samples, per method")

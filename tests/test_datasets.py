@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import polars as pl
 
 from toa.datasets import build_dpo, build_sft, dpo_jsonl, sft_jsonl
 from toa.rows import frame

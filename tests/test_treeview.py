@@ -12,48 +12,20 @@ import polars as pl
 import pytest
 
 from toa.methods import MethodContext, get_method
-from toa.rows import ERROR, Generation, MethodOutput, Prompt, Score, content_key, frame, sample_row
+from toa.rows import MethodOutput, Prompt, frame, sample_row
 from toa.treeview import render_html, render_text, tree_frames
 
-Q = "Explain why the sky is blue."
-AGENTS = ("A", "B", "C", "D")
-BASE = {"A": 0.10, "B": 0.05, "C": 0.00, "D": -0.05}
+from fakes import AGENTS, Q, FakeGenerate, FakeReward
+
 SCRIPT_K = 3  # this generation's text carries markup that the HTML must escape
 
 
-class FakeGenerate:
-    """Deterministic generate (as in test_methods): content-addressed sample slots; the text is
-    multi-line, encodes agent, k and the raw reward last; generation SCRIPT_K holds <script>."""
-
-    def __init__(self, fail_k: frozenset[int] = frozenset()):
-        self.k, self.slots, self.fail_k = 0, {}, fail_k
-
-    async def __call__(self, agent, messages, n):
-        await asyncio.sleep(0)
-        return [self._one(agent, messages) for _ in range(n)]
-
-    def _one(self, agent, messages) -> Generation:
-        self.k += 1
-        key = content_key(agent, messages)
-        slot = self.slots[key] = self.slots.get(key, -1) + 1
-        sid = content_key(agent, messages, slot)[:16]
-        if self.k in self.fail_k:
-            return Generation(sid, agent, None, status=ERROR, error="server down")
-        refined = messages != [{"role": "user", "content": Q}]
-        raw = round(BASE[agent] + (0.05 if refined else 0) + ((self.k * 37 % 11) - 5) / 100, 6)
-        body = "<script>alert('x')</script> & more" if self.k == SCRIPT_K else "Rayleigh scattering " * 4
-        return Generation(sid, agent, f"{agent} k={self.k}\n{body}\nraw={raw}", "stop", 10, 5, 0.01)
-
-
-class FakeReward:
-    """Deterministic reward: the raw value at the end of the text."""
-
-    async def __call__(self, texts):
-        return [Score(float(t.rsplit("raw=", 1)[1])) for t in texts]
+def body(k: int) -> str:
+    return "<script>alert('x')</script> & more" if k == SCRIPT_K else "Rayleigh scattering " * 4
 
 
 def run_toa(n=3, agents=AGENTS, gen=None, **options) -> MethodOutput:
-    ctx = MethodContext(Prompt("p1", Q), tuple(agents), n, gen or FakeGenerate(), FakeReward(), 0)
+    ctx = MethodContext(Prompt("p1", Q), tuple(agents), n, gen or FakeGenerate(body=body), FakeReward(), 0)
     return asyncio.run(get_method("toa", **options).run(ctx))
 
 
@@ -170,7 +142,7 @@ def test_truncation_and_newlines():
 
 
 def test_failed_samples_do_not_break_the_view():
-    out = run_toa(n=6, width=8, gen=FakeGenerate(fail_k=frozenset({2, 9})))
+    out = run_toa(n=6, width=8, gen=FakeGenerate(fail_k=frozenset({2, 9}), body=body))
     samples, nodes = frames(out)
     assert samples.filter(pl.col("status") == "error").height == 2
     text = render_text(nodes, samples)

@@ -60,6 +60,9 @@ class Engine:
         async def _close():
             for c in self.clients.values():
                 await c.client.close()
+            aclose = getattr(self.reward_backend, "aclose", None)  # e.g. a launched reward server
+            if aclose is not None:
+                await aclose()
         self.run(_close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)

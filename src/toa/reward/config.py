@@ -108,6 +108,8 @@ class RewardConfig(BaseModel):
             raise ValueError("reward kind='judge' needs endpoint (an OpenAI-compatible server)")
         if self.kind == "vllm" and (self.endpoint is None) == (self.launch is None):
             raise ValueError("reward kind='vllm' needs exactly one of endpoint (attach) or launch")
+        if self.kind == "custom" and not self.function:
+            raise ValueError("reward kind='custom' needs function='package.module:function'")
         return self
 
     def fingerprint(self) -> dict:
@@ -133,16 +135,12 @@ def build_backend(cfg: RewardConfig) -> RewardBackend:
                                   batch_size=cfg.rm_batch_size, max_length=cfg.max_length,
                                   trust_remote_code=cfg.trust_remote_code, gpus=cfg.gpus)
     if cfg.kind == "custom":
-        if not cfg.function:
-            raise ValueError("reward kind='custom' needs function='package.module:function'")
         from toa.reward.custom import CustomReward
 
         return CustomReward(cfg.function)
     if cfg.kind == "vllm":
         return _vllm_backend(cfg)
     if cfg.kind == "judge":
-        if cfg.endpoint is None:
-            raise ValueError("reward kind='judge' needs endpoint (an OpenAI-compatible server)")
         from toa.reward.judge import JudgeReward
         from toa.servers.attach import attach
 
@@ -154,8 +152,6 @@ def build_backend(cfg: RewardConfig) -> RewardBackend:
 
 
 def _vllm_backend(cfg: RewardConfig) -> RewardBackend:
-    if (cfg.endpoint is None) == (cfg.launch is None):
-        raise ValueError("reward kind='vllm' needs exactly one of endpoint (attach) or launch")
     from toa.reward.vllm_pool import VllmReward
     from toa.servers.attach import attach
 

@@ -107,7 +107,9 @@ def test_rerun_makes_zero_model_calls_and_identical_datasets(first, root):
     assert query(store, "select * from sft order by method, prompt_id").equals(sft_before)
     # Without the done markers the batches run again: every call is replayed from the record.
     store.fs.rm(store.path("done"), recursive=True)
+    reward_records = store.read("rewards").height
     third = run_flow(root)
+    assert store.read("rewards").height == reward_records  # every reward replayed from its record
     assert all(r["new_calls"] == 0 and r["replayed"] == N_PROMPTS * N * 2 for r in third["summary"])
     attempts = query(store, "select count(*) as n from call_attempts")["n"][0]
     assert attempts == 2 * N_PROMPTS * N * 2

@@ -3,10 +3,11 @@ call through the request layer, every reward through the reward service, everyth
 
 Plain Python, no Prefect: tasks/sampling.py wraps `run_batch` in a Prefect task.
 
-One process-wide `Engine` owns a background asyncio loop with the endpoint clients and the
-reward backend. Prefect runs tasks in worker threads; funnelling all of them into one loop is
-what makes the per-endpoint in-flight limit hold for the whole process and lets the reward
-model be loaded once.
+One process-wide `Engine` owns a background asyncio loop with the endpoint clients and one
+reward service. Prefect runs tasks in worker threads; funnelling all of them into one loop is
+what makes the per-endpoint in-flight limit hold for the whole process, loads the reward model
+once, and micro-batches the reward requests of every method and batch running at once. Each
+reward record is routed to the shard writer of the batch its prompt belongs to.
 
 Resume: a batch reads its recorded calls and rewards first (`calls/batch=<key>`,
 `rewards/batch=<key>`), so a rerun replays what was done and makes only the missing calls.
@@ -43,7 +44,28 @@ class Engine:
         self.thread = threading.Thread(target=self.loop.run_forever, name="toa-engine", daemon=True)
         self.thread.start()
         self.reward_backend = build_backend(cfg.reward)
+        self.reward_cache: dict[str, RewardRecord] = {}  # grows as batches load their records
+        self.reward_sinks: dict[str, list[ShardWriter]] = {}  # prompt_id -> writers of live batches
+        self.rewards = RewardService(self.reward_backend, self.reward_cache, self._route_reward,
+                                     max_batch=cfg.reward.batch_size, max_wait_s=cfg.reward.max_wait_ms / 1000,
+                                     retries=cfg.reward.retries)
         self.clients = self.run(self._make_clients(cfg, endpoints))
+
+    def _route_reward(self, record: RewardRecord) -> None:
+        self.reward_sinks[record.prompt_id][-1].append(record)
+
+    def open_batch(self, prompts: list[Prompt], cache: dict[str, RewardRecord], sink: ShardWriter) -> None:
+        self.reward_cache.update(cache)
+        for p in prompts:
+            self.reward_sinks.setdefault(p.prompt_id, []).append(sink)
+
+    def close_batch(self, prompts: list[Prompt], sink: ShardWriter) -> None:
+        for p in prompts:
+            writers = self.reward_sinks.get(p.prompt_id, [])
+            if sink in writers:
+                writers.remove(sink)
+            if not writers:
+                self.reward_sinks.pop(p.prompt_id, None)
 
     async def _make_clients(self, cfg: RunConfig, endpoints: dict[str, Endpoint]) -> dict[str, EndpointClient]:
         clients = {}
@@ -136,34 +158,36 @@ def run_batch(cfg: RunConfig, endpoints: dict[str, Endpoint], run_id: str, metho
     start = time.perf_counter()
     call_sink = ShardWriter(store, "calls", f"batch={batch}")
     reward_sink = ShardWriter(store, "rewards", f"batch={batch}")
+    engine.run(_on_loop(engine.open_batch, prompts, _rewards_cache(store, batch), reward_sink))
     try:
-        outputs, layer, rewards = engine.run(_run_prompts(cfg, engine, method, prompts,
-                                                          _calls_cache(store, batch), call_sink,
-                                                          _rewards_cache(store, batch), reward_sink))
+        outputs, layer = engine.run(_run_prompts(cfg, engine, method, prompts, _calls_cache(store, batch), call_sink))
     finally:
+        engine.run(_on_loop(engine.close_batch, prompts, reward_sink))
         call_sink.flush()
         reward_sink.flush()
     stats = _write_outputs(store, run_id, method, batch, outputs)
     stats.calls_made, stats.calls_failed = sum(layer.made.values()), sum(layer.failed.values())
-    stats.rewards_made = rewards.items_scored
+    stats.rewards_made = reward_sink.written
     stats.seconds = time.perf_counter() - start
     if not stats.failed:
         store.write_json(asdict(stats), *done_marker(run_id, method, batch))
     return stats
 
 
-async def _run_prompts(cfg, engine, method_name, prompts, calls_cache, call_sink, rewards_cache, reward_sink):
+async def _on_loop(fn, *args):
+    """Run a plain function on the engine loop: the routing tables are only touched there."""
+    return fn(*args)
+
+
+async def _run_prompts(cfg, engine, method_name, prompts, calls_cache, call_sink):
     layer = CallLayer(engine.clients, calls_cache, call_sink.append, cfg.seed, namespace=method_name)
-    rewards = RewardService(engine.reward_backend, rewards_cache, reward_sink.append,
-                            max_batch=cfg.reward.batch_size, max_wait_s=cfg.reward.max_wait_ms / 1000,
-                            retries=cfg.reward.retries)
     method = get_method(method_name, **cfg.method_options.get(method_name, {}))
     agents = tuple(a.alias for a in cfg.agents)
     in_flight = asyncio.Semaphore(cfg.prompt_concurrency)
 
     async def one(prompt: Prompt) -> MethodOutput | BaseException:
         ctx = MethodContext(prompt=prompt, agents=agents, n=cfg.n, generate=layer.for_prompt(prompt.prompt_id),
-                            reward=functools.partial(rewards.score, prompt), seed=cfg.seed)
+                            reward=functools.partial(engine.rewards.score, prompt), seed=cfg.seed)
         async with in_flight:
             try:
                 return await method.run(ctx)
@@ -171,7 +195,7 @@ async def _run_prompts(cfg, engine, method_name, prompts, calls_cache, call_sink
                 return exc
 
     outputs = await asyncio.gather(*(one(p) for p in prompts))
-    return list(zip(prompts, outputs)), layer, rewards
+    return list(zip(prompts, outputs)), layer
 
 
 def _write_outputs(store: Store, run_id: str, method: str, batch: str, outputs) -> BatchStats:

@@ -102,7 +102,8 @@ class RewardService:
             raise ValueError("max_batch and max_concurrent_batches must be >= 1, retries >= 0")
         self.backend = backend
         self.identity: str = backend.identity
-        self._preloaded: Mapping[str, RewardRecord] = cache or {}  # read-only, never copied
+        # Read-only and never copied: the engine keeps adding batches' records to this mapping.
+        self._preloaded: Mapping[str, RewardRecord] = cache if cache is not None else {}
         self._new: dict[str, RewardRecord] = {}  # records computed by this service
         self.sink = sink
         self.max_batch = max_batch

@@ -67,7 +67,7 @@ def test_command_on_cpu_is_eager_with_kv_cache_space_and_key_only_in_env():
     spec = LaunchSpec(model="/models/m", device="cpu", cpu_kvcache_gib=2)
     cmd = build_command(spec, model_dir="/models/m", served_name="a", port=1, python="py",
                         device="cpu", chat_template_path=None)
-    assert "--enforce-eager" in cmd
+    assert "--enforce-eager" in cmd and "--no-enable-chunked-prefill" in cmd
     assert "--gpu-memory-utilization" not in cmd
     assert "--chat-template" not in cmd
     assert not any(SECRET in a for a in cmd)
@@ -222,6 +222,29 @@ def test_vllm_chat_n2_on_embedded_smollm2(smollm2_server):
     assert all(c.message.content for c in resp.choices)
     assert resp.usage.prompt_tokens > 0 and resp.usage.completion_tokens > 0
     assert resp.choices[0].logprobs.content[0].top_logprobs
+
+
+@pytest.mark.integration
+def test_vllm_serves_many_concurrent_seeded_requests(smollm2_server):
+    # Regression: with chunked prefill, vLLM's CPU worker crashed the engine on seeded requests
+    # once several were in flight (toa sends a seed with every request).
+    import asyncio
+
+    import openai
+
+    ep = smollm2_server.endpoint
+    question = "Explain in detail how a bicycle gear system works and why it helps on hills. " * 6
+
+    async def hammer():
+        client = openai.AsyncOpenAI(base_url=ep.base_url, api_key=ep.api_key.get_secret_value(), max_retries=0)
+        calls = [client.chat.completions.create(model=ep.model, n=4, seed=i, max_tokens=24, temperature=0.7,
+                                                messages=[{"role": "user", "content": f"{i}. {question}"}])
+                 for i in range(24)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(hammer())
+    failures = [r for r in results if isinstance(r, Exception)]
+    assert failures == [] and all(len(r.choices) == 4 for r in results)
 
 
 @pytest.mark.integration

@@ -9,7 +9,6 @@ finished calls are replayed from the record).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -59,7 +58,7 @@ def toa(
     try:
         endpoints = {}
         if pending:  # a finished run starts no server at all
-            endpoints = start_endpoints(cfg.agents, _log_dir(store))
+            endpoints = start_endpoints(cfg.agents, store.local_dir("logs"))
             record_run(cfg, run_id, endpoints, build_backend(cfg.reward).identity)
         sampler = sample_batch.with_options(retries=cfg.task_retries)
         futures = {f"{m}/{b.key}": sampler.submit(cfg, endpoints, run_id, m, b) for m, b in units}
@@ -76,11 +75,6 @@ def toa(
         raise RuntimeError(f"{len(failed)} of {len(futures)} batches failed after retries: {failed}; "
                            "their errors are rows in the samples/calls views; retry this flow run to redo them")
     return result
-
-
-def _log_dir(store: Store) -> str:
-    """Server logs go next to the results when those are local, else to ./toa-logs."""
-    return store.path("logs") if store.local else str(Path.cwd() / "toa-logs")
 
 
 def _collect(futures: dict) -> tuple[list[BatchStats], list[str]]:

@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -13,10 +11,6 @@ from toa.config import RunConfig
 from toa.datasets import build_dpo, build_sft
 from toa.exports import export_run
 from toa.storage import Store
-
-
-def exports_dir(store: Store, run_id: str) -> str:
-    return store.path("exports", f"run={run_id}") if store.local else str(Path.cwd() / "toa-exports" / f"run={run_id}")
 
 
 @task(name="build-datasets", cache_policy=NO_CACHE)
@@ -31,5 +25,5 @@ def build_datasets(cfg: RunConfig, run_id: str, prompt_source: str) -> dict[str,
         store.write_frame(sft, store.path("sft", f"run={run_id}", f"{method}.parquet"))
         store.write_frame(dpo, store.path("dpo", f"run={run_id}", f"{method}.parquet"))
         counts[method] = {"sft": sft.height, "dpo": dpo.height}
-    export_run(store, run_id, exports_dir(store, run_id), formats=("jsonl",))
+    export_run(store, run_id, store.local_dir("exports", f"run={run_id}"), formats=("jsonl",))
     return counts

@@ -48,16 +48,9 @@ def summarize(cfg: RunConfig, run_id: str, stats: list[BatchStats]) -> list[dict
     return table
 
 
-def report_dir(store: Store, run_id: str) -> str:
-    """Reports sit with the results when those are local, else in ./toa-reports."""
-    from pathlib import Path
-
-    return store.path("reports", f"run={run_id}") if store.local else str(Path.cwd() / "toa-reports" / f"run={run_id}")
-
-
 @task(name="publish-report", cache_policy=NO_CACHE)
 def publish_report(cfg: RunConfig, run_id: str) -> str:
     store = Store(cfg.results_root, cfg.storage_options)
-    out = report_dir(store, run_id)
+    out = store.local_dir("reports", f"run={run_id}")
     publish_artifacts(build_report(store, run_id, out), run_id)
     return out

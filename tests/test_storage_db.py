@@ -74,3 +74,9 @@ def test_unwritable_root_fails_before_any_work(tmp_path):
     blocker.write_text("x")
     with pytest.raises((NotADirectoryError, FileExistsError, PermissionError)):
         Store(str(blocker / "results")).init_tables()
+
+
+def test_local_dir_is_inside_a_local_root_and_beside_the_cwd_for_a_remote_one(tmp_path, monkeypatch):
+    assert Store(str(tmp_path)).local_dir("reports", "run=r1") == f"{tmp_path}/reports/run=r1"
+    monkeypatch.chdir(tmp_path)
+    assert Store("memory://bucket/results").local_dir("reports", "run=r1") == f"{tmp_path}/toa-reports/run=r1"

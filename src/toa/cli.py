@@ -116,23 +116,20 @@ def _root(args) -> str:
 def cmd_report(args) -> None:
     from toa.report import build_report
     from toa.storage import Store
-    from toa.tasks.report import report_dir
 
     store = Store(_root(args))
-    paths = build_report(store, args.run_id, args.out or report_dir(store, args.run_id))
+    paths = build_report(store, args.run_id, args.out or store.local_dir("reports", f"run={args.run_id}"))
     for name, path in paths.items():
         print(f"{name}: {path}")
 
 
 def cmd_export(args) -> None:
-    from toa.exports import export_run
+    from toa.exports import FORMATS, export_run
     from toa.storage import Store
 
-    from toa.tasks.datasets import exports_dir
-
     store = Store(_root(args))
-    out = args.out or exports_dir(store, args.run_id)
-    paths = export_run(store, args.run_id, out, formats=tuple(args.format or ("parquet", "jsonl", "hf")), push_to_hub=args.push_to_hub)
+    out = args.out or store.local_dir("exports", f"run={args.run_id}")
+    paths = export_run(store, args.run_id, out, formats=tuple(args.format or FORMATS), push_to_hub=args.push_to_hub)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

@@ -119,7 +119,6 @@ class BatchStats:
     calls_made: int = 0  # new generations made by model calls in this attempt
     calls_failed: int = 0
     cached: int = 0  # generations replayed from the record
-    rewards_made: int = 0
     reward_errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -150,7 +149,8 @@ def run_batch(cfg: RunConfig, endpoints: dict[str, Endpoint], run_id: str, metho
               batch: str, prompts: list[Prompt]) -> BatchStats:
     store = Store(cfg.results_root, cfg.storage_options)
     if store.exists(*done_marker(run_id, method, batch)):
-        done = BatchStats(**store.read_json(*done_marker(run_id, method, batch)))
+        recorded = store.read_json(*done_marker(run_id, method, batch))
+        done = BatchStats(**{k: v for k, v in recorded.items() if k in BatchStats.__dataclass_fields__})
         # Nothing is called this time: everything it holds counts as replayed.
         return BatchStats(method, batch, prompts=done.prompts, samples=done.samples, cached=done.samples,
                           prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens, skipped=True)
@@ -167,7 +167,6 @@ def run_batch(cfg: RunConfig, endpoints: dict[str, Endpoint], run_id: str, metho
         reward_sink.flush()
     stats = _write_outputs(store, run_id, method, batch, outputs)
     stats.calls_made, stats.calls_failed = sum(layer.made.values()), sum(layer.failed.values())
-    stats.rewards_made = reward_sink.written
     stats.seconds = time.perf_counter() - start
     if not stats.failed:
         store.write_json(asdict(stats), *done_marker(run_id, method, batch))

@@ -17,6 +17,7 @@ import json
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -37,6 +38,13 @@ class Store:
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
+
+    def local_dir(self, *parts: str) -> str:
+        """A folder for files written by local tools (server logs, reports, exports): inside
+        the results root when that is a local disk, else ./toa-<first part>/... here."""
+        if self.local:
+            return self.path(*parts)
+        return str(Path.cwd() / f"toa-{parts[0]}" / Path(*parts[1:]))
 
     def init_tables(self) -> None:
         """Create every table folder with its empty schema shard; fails early on a root

@@ -12,21 +12,36 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-
-from toa import templates
-from toa.config import RunConfig, load_config
-from toa.engine import BatchStats, close_engines, done_marker
-from toa.reward import build_backend
-from toa.storage import Store
+from prefect.context import FlowRunContext
+from prefect.futures import as_completed
 from toa.tasks.datasets import build_datasets
+from toa.tasks.progress import RunProgress
 from toa.tasks.prompts import load_prompt_batches
 from toa.tasks.report import publish_report, record_run, summarize
 from toa.tasks.sampling import sample_batch
 from toa.tasks.servers import start_endpoints, stop_servers
+from toa.tasks.verdicts import judge_samples, wants_verdicts
+
+from toa import templates
+from toa.config import RunConfig, load_config
+from toa.engine import BatchStats, close_engines, done_marker
+from toa.limits import require_shared_api
+from toa.reward import build_backend
+from toa.runners import (
+    TaskRunnerConfig,
+    api_for_workers,
+    build_task_runner,
+    close_worker_engines,
+    shared_results_root,
+)
+from toa.storage import Store
 
 
 def resolve(config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
-    return load_config(config_file, {k: v for k, v in overrides.items() if v is not None})
+    from toa.blocks.resolve import resolve_blocks
+
+    # blocks (reward.block, results_block) are resolved before the fingerprint is taken
+    return resolve_blocks(load_config(config_file, {k: v for k, v in overrides.items() if v is not None}))
 
 
 @flow(name="toa", log_prints=True)
@@ -45,9 +60,10 @@ def toa(
     (e.g. {"reward.kind": "math", "agents": [...]})."""
     cfg = resolve(config_file, {"methods": methods, "n": n, "seed": seed, "prompts.path": prompts_path,
                                 "prompts.limit": limit, "results_root": results_root, **(overrides or {})})
-    run_id = cfg.run_id(extra={"templates": templates.hashes()})
+    run_id = cfg.run_id(extra={"templates": templates.hashes(), **_method_fingerprints(cfg)})
     store = Store(cfg.results_root, cfg.storage_options)
     store.init_tables()  # fails here, before any model call, on a root without write permission
+    require_shared_api(cfg.agents)  # global limits need a Prefect API every worker shares
     logger = get_run_logger()
     logger.info("run %s: methods %s, %d agents, n=%d, results in %s", run_id, cfg.methods, len(cfg.agents), cfg.n, cfg.results_root)
 
@@ -55,34 +71,98 @@ def toa(
     units = [(m, b) for m in cfg.methods for b in batches]
     pending = [u for u in units if not store.exists(*done_marker(run_id, u[0], u[1].key))]
     logger.info("%d of %d (method, batch) units to do", len(pending), len(units))
+    finished = _finished_result(store, run_id, len(units)) if not pending else None
+    if finished is not None:  # same config, same prompt file, every unit done: nothing to redo
+        logger.info("run %s is complete: returning its recorded result", run_id)
+        return finished
     try:
         endpoints = {}
         if pending:  # a finished run starts no server at all
             endpoints = start_endpoints(cfg.agents, store.local_dir("logs"))
             record_run(cfg, run_id, endpoints, build_backend(cfg.reward).identity)
-        sampler = sample_batch.with_options(retries=cfg.task_retries)
-        futures = {f"{m}/{b.key}": sampler.submit(cfg, endpoints, run_id, m, b) for m, b in units}
-        stats, failed = _collect(futures)
+        # a finished run only reads done markers: no cluster is started for that
+        runner = build_task_runner(cfg.task_runner if pending else TaskRunnerConfig())
+        sampling = sample_units.with_options(task_runner=runner,
+                                             flow_run_name=f"sampling-{run_id}")
+        stats, failed = sampling(cfg, endpoints, run_id, units)
     finally:
         close_engines()
         stop_servers()
-    counts = build_datasets(cfg, run_id, batches[0].source) if batches else {}
+    counts = build_datasets(cfg, run_id, batches)
+    if batches and wants_verdicts(cfg):  # gold answers: judge every sample (accuracy views)
+        judge_samples(cfg, run_id, batches[0].source)
     table = summarize(cfg, run_id, stats)
     report = publish_report(cfg, run_id)
     result = {"run_id": run_id, "results_root": cfg.results_root, "summary": table, "datasets": counts,
               "report": report, "failed_batches": failed}
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(futures)} batches failed after retries: {failed}; "
+        raise RuntimeError(f"{len(failed)} of {len(units)} batches failed after retries: {failed}; "
                            "their errors are rows in the samples/calls views; retry this flow run to redo them")
+    store.write_json({**result, "units": len(units)}, *_result_marker(run_id))
     return result
 
 
-def _collect(futures: dict) -> tuple[list[BatchStats], list[str]]:
+def _result_marker(run_id: str) -> tuple[str, ...]:
+    return ("runs", f"run={run_id}", "result.json")  # beside the run records, not among done markers
+
+
+def _finished_result(store: Store, run_id: str, units: int) -> dict[str, Any] | None:
+    """The recorded result of a complete run, so that rerunning it costs a few file checks
+    (no sampling subflow, dataset rebuild or report); its summary now counts no new calls."""
+    if not store.exists(*_result_marker(run_id)):
+        return None
+    recorded = store.read_json(*_result_marker(run_id))
+    if recorded.pop("units", None) != units:  # e.g. the prompt file grew: not the same work
+        return None
+    for row in recorded["summary"]:
+        row["new_calls"], row["replayed"] = 0, row.get("new_calls", 0) + row.get("replayed", 0)
+    return recorded
+
+
+def _method_fingerprints(cfg: RunConfig) -> dict[str, Any]:
+    """What a method adds to the run id beyond the config (Optima: its own template files);
+    empty for methods without a `fingerprint()`, so their run ids do not change."""
+    from toa.methods import get_method
+
+    own = {m: get_method(m, **cfg.method_options.get(m, {})) for m in cfg.methods}
+    found = {m: obj.fingerprint() for m, obj in own.items() if hasattr(obj, "fingerprint")}
+    return {"method_fingerprints": found} if found else {}
+
+
+@flow(name="toa-sampling", validate_parameters=False)
+def sample_units(cfg: RunConfig, endpoints: dict, run_id: str, units: list) -> tuple[list[BatchStats], list[str]]:
+    """Every (method, batch) task, on the task runner the run asks for (`task_runner`): a
+    subflow, so the runner (threads here, or a Dask cluster) is chosen per run while the code
+    path stays the same. Worker processes get the results root as an absolute path."""
+    cfg = cfg.model_copy(update={"results_root": shared_results_root(cfg.results_root)})
+    sampler = sample_batch.with_options(retries=cfg.task_retries)
+    runner = FlowRunContext.get().task_runner
+    try:
+        with api_for_workers(runner):
+            futures = {(m, b.key): sampler.submit(cfg, endpoints, run_id, m, b) for m, b in units}
+        return _collect(futures, RunProgress(run_id, units))
+    finally:
+        # Dask workers (of an existing cluster especially) outlive the run: close their engines
+        closed = close_worker_engines(runner)
+        if closed:
+            get_run_logger().info("engines closed in Dask workers: %s", closed)
+
+
+def _collect(futures: dict, progress: RunProgress) -> tuple[list[BatchStats], list[str]]:
+    """Results in completion order, so progress (artifact, events, the CLI bar) moves as
+    batches finish rather than in submission order."""
     stats, failed = [], []
-    for label, future in futures.items():
-        future.wait()
-        if future.state.is_completed():
-            stats.append(future.result())
-        else:
-            failed.append(f"{label}: {future.state.message}")
+    units = {future: unit for unit, future in futures.items()}
+    try:
+        for future in as_completed(list(futures.values())):
+            method, batch = units[future]
+            future.wait()  # sets the final state; without it `state` asks the API, which may lag
+            if future.state.is_completed():
+                stats.append(future.result())
+                progress.finished(method, batch, stats[-1])
+            else:
+                failed.append(f"{method}/{batch}: {future.state.message}")
+                progress.finished(method, batch, None, future.state.message)
+    finally:
+        progress.close()
     return stats, failed

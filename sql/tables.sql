@@ -24,6 +24,10 @@ SELECT * FROM read_parquet({root} || '/samples/**/*.parquet', union_by_name = tr
 CREATE OR REPLACE VIEW tree_nodes AS
 SELECT * FROM read_parquet({root} || '/tree_nodes/**/*.parquet', union_by_name = true, hive_partitioning = false);
 
+-- step_mcts: value-model training targets (state = prompt + steps so far, mean verified outcome).
+CREATE OR REPLACE VIEW value_targets AS
+SELECT * FROM read_parquet({root} || '/value_targets/**/*.parquet', union_by_name = true, hive_partitioning = false);
+
 CREATE OR REPLACE VIEW prompts AS
 SELECT DISTINCT ON (source, prompt_id) *
 FROM read_parquet({root} || '/prompts/**/*.parquet', union_by_name = true, hive_partitioning = false);
@@ -39,3 +43,8 @@ SELECT * FROM read_parquet({root} || '/sft/**/*.parquet', union_by_name = true, 
 
 CREATE OR REPLACE VIEW dpo AS
 SELECT * FROM read_parquet({root} || '/dpo/**/*.parquet', union_by_name = true, hive_partitioning = false);
+
+-- Optima two-agent dialogues (method `optima`): one row per dialogue, its utterances are
+-- samples (utterance_ids, root to leaf, are their sample_ids).
+CREATE OR REPLACE VIEW dialogues AS
+SELECT * FROM read_parquet({root} || '/dialogues/**/*.parquet', union_by_name = true, hive_partitioning = false);

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from toa.config import AgentConfig
 from toa.servers import Endpoint, ServerHandle, attach, start_vllm
+from toa.servers.attach import probe
 
 _RUNNING: list[ServerHandle] = []
 
@@ -30,8 +31,11 @@ def attach_endpoint(agent: AgentConfig) -> Endpoint:
     if agent.block:
         from toa.blocks.endpoints import ModelEndpoint
 
-        return attach(agent.alias, ModelEndpoint.load(agent.block).attach_spec())
-    return attach(agent.alias, agent.endpoint)
+        endpoint = attach(agent.alias, ModelEndpoint.load(agent.block).attach_spec())
+    else:
+        endpoint = attach(agent.alias, agent.endpoint)
+    probe(endpoint)  # unreachable or wrong key: a clear error now, not failed calls later
+    return endpoint
 
 
 def start_endpoints(agents: list[AgentConfig], log_dir: str) -> dict[str, Endpoint]:

@@ -53,3 +53,35 @@ def attached_agents(endpoints, max_tokens: int = 32, key_env: bool = False) -> l
             endpoint["api_key"] = ep.api_key.get_secret_value()
         agents.append({"alias": alias, "endpoint": endpoint, "sampling": {"max_tokens": max_tokens}})
     return agents
+
+
+@pytest.fixture(scope="session")
+def local_deployment(tmp_path_factory):
+    """The deployment path of deployments/local.sh for real: a Prefect server (own PREFECT_HOME,
+    free port), the process pool, toa's block types, the `synthesize` deployment and a worker
+    running this venv's python. Yields {"env": ..., "api_url": ...}; `local.sh down` at the end."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from toa.servers.vllm import free_port
+
+    script = Path(__file__).resolve().parents[1] / "deployments" / "local.sh"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(TOA_DEPLOY_DIR=str(tmp_path_factory.mktemp("deploy")), TOA_PREFECT_PORT=str(free_port()),
+               TOA_VENV=sys.prefix, PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    env.update(PREFECT_API_URL=f"http://127.0.0.1:{env['TOA_PREFECT_PORT']}/api",
+               PREFECT_HOME=str(Path(env["TOA_DEPLOY_DIR"]) / "prefect-home"))
+    try:
+        up = subprocess.run(["bash", str(script), "up"], env=env, capture_output=True, text=True, timeout=600)
+        assert up.returncode == 0, f"local.sh up failed:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
+        yield {"env": env, "api_url": env["PREFECT_API_URL"], "script": script}
+    finally:
+        subprocess.run(["bash", str(script), "down"], env=env, capture_output=True, timeout=120)
+
+
+def prefect_at(api_url: str):
+    """Settings context that points this process's Prefect client at `api_url`."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings({PREFECT_API_URL: api_url})

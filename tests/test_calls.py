@@ -56,7 +56,7 @@ MSG = [{"role": "user", "content": "hi"}]
 
 async def test_n_samples_in_one_request_with_exact_per_choice_tokens():
     layer, records, client = make_layer(FakeServer())
-    gens = await layer.for_prompt("p1")("a", MSG, 3)
+    gens = await layer.for_prompt("p1")("a", MSG, 3, logprobs=True)
     assert client.requests == 1
     assert [g.completion_tokens for g in gens] == [2, 3, 4]  # from logprobs, not an even split
     assert all(g.prompt_tokens == 7 and g.ok and not g.cached for g in gens)
@@ -126,13 +126,47 @@ async def test_concurrent_identical_slots_are_made_once():
     assert client.requests == 1 and a[0].sample_id == b[0].sample_id and len(records) == 1
 
 
-async def test_without_logprobs_tokens_are_split_evenly():
-    layer, _, _ = make_layer(FakeServer(supports_logprobs=False))
+async def test_without_logprobs_the_total_is_split_by_text_length():
+    server = FakeServer()
+    layer, _, _ = make_layer(server)
     gens = await layer.for_prompt("p")("a", MSG, 2)
-    assert [g.completion_tokens for g in gens] == [2, 2]  # 5 total, rounded even split
+    assert "logprobs" not in server.requests[-1]  # not asked for unless a method needs them
+    assert [g.completion_tokens for g in gens] == [3, 2]  # 5 in all, equal texts: 2.5 each, rounded to add up
+    assert all(g.logprob is None for g in gens)
 
 
 async def test_unknown_agent_is_a_clear_error():
     layer, _, _ = make_layer(FakeServer())
     with pytest.raises(KeyError, match="unknown agent 'zz'"):
         await layer.for_prompt("p")("zz", MSG, 1)
+
+
+async def test_logprobs_kept_per_choice_and_replayed_from_the_record():
+    layer, records, _ = make_layer(FakeServer())
+    gens = await layer.for_prompt("p1")("a", MSG, 2, logprobs=True)
+    assert [round(g.logprob, 6) for g in gens] == [-0.2, -0.3]  # sum over each choice's tokens
+    assert round(gens[1].mean_logprob, 6) == -0.1
+    replay, _, _ = make_layer(FakeServer(), cache={r.call_key: r for r in records})
+    again = await replay.for_prompt("p1")("a", MSG, 2, logprobs=True)
+    assert [g.logprob for g in again] == [g.logprob for g in gens] and all(g.cached for g in again)
+
+
+async def test_per_request_sampling_overrides_are_sent_and_keyed_separately():
+    server = FakeServer()
+    layer, _, _ = make_layer(server)
+    gen = layer.for_prompt("p1")
+    plain = await gen("a", MSG, 1)
+    step = await gen("a", MSG, 1, stop=["\n"], max_tokens=4, continue_final_message=True)
+    sent = server.requests[-1]
+    assert sent["stop"] == ["\n"] and sent["max_tokens"] == 4 and sent["continue_final_message"] is True
+    assert sent["temperature"] == 0.7  # the agent's own fields stay unless overridden
+    assert step[0].sample_id != plain[0].sample_id  # a different request is a different sample
+
+
+async def test_two_aliases_of_one_model_draw_distinct_samples():
+    server = FakeServer()
+    layer, _, client = make_layer(server)
+    layer.clients["b"] = client  # a second alias for the same endpoint and sampling
+    gen = layer.for_prompt("p1")
+    a, b = await gen("a", MSG, 1), await gen("b", MSG, 1)
+    assert a[0].sample_id != b[0].sample_id and len(server.requests) == 2

@@ -1,6 +1,7 @@
 """The request layer: every model call goes through here, recorded once under a content key.
 
-One AsyncOpenAI client per endpoint, a per-endpoint limit on requests in flight, a timeout,
+One AsyncOpenAI client per endpoint, a per-endpoint limit on requests in flight (and, when
+configured, Prefect global limits that hold across processes: toa.limits), a timeout,
 and retries with exponential backoff on transient failures only (connection errors, timeouts,
 429 and 5xx); a 4xx such as a prompt longer than the context fails at once.
 
@@ -12,7 +13,10 @@ The method is part of the key so that each method pays for (and owns) its own bu
 running at once never race for a shared sample.
 
 Several slots are requested in one call with `n=k` where the endpoint supports it (vLLM shares
-the prompt prefill); per-choice completion tokens then come from the returned logprobs.
+the prompt prefill). Token logprobs are asked for only when a method asks (`logprobs=True`:
+Optima's utterance loss, step-MCTS priors): they cost the server time (2–4 % on SmolLM2 with
+vLLM CPU, benchmarks/throughput.py) and bytes on every response. Per-choice completion tokens are then exact; without them the
+request's total is split over its choices in proportion to their text length.
 A failed call is recorded with status "error" and its message and is retried on the next run.
 """
 
@@ -23,12 +27,13 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import openai
 from openai import AsyncOpenAI
 
+from toa.limits import LimitNames, request_slot
 from toa.methods.base import Message
 from toa.rows import ERROR, OK, CallRecord, Generation, content_key
 from toa.servers import Endpoint
@@ -43,6 +48,7 @@ class ClientPolicy:
     retries: int = 4
     backoff_s: float = 0.5  # first retry waits ~0.5 s, then 1, 2, 4 ... (capped) with jitter
     backoff_cap_s: float = 20.0
+    global_limits: LimitNames | None = None  # Prefect limits shared across processes (toa.limits)
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,12 @@ class _Choice:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    logprob: float | None = None
+
+
+# Request fields the OpenAI client takes by name; anything else a method asks for (vLLM's
+# `continue_final_message`, `add_generation_prompt`, ...) travels in the request body as is.
+OPENAI_FIELDS = {"temperature", "top_p", "max_tokens", "stop", "presence_penalty", "frequency_penalty", "top_logprobs"}
 
 
 class EndpointClient:
@@ -66,21 +78,26 @@ class EndpointClient:
         self.limit = asyncio.Semaphore(policy.max_concurrency)
         self.requests = 0  # HTTP requests actually sent (for tests and reports)
 
-    async def complete(self, messages: list[Message], n: int, seed: int) -> list[_Choice]:
-        """n choices in as few requests as the endpoint allows; raises after the retries."""
+    async def complete(self, messages: list[Message], n: int, seed: int, params: dict | None = None) -> list[_Choice]:
+        """n choices in as few requests as the endpoint allows; raises after the retries.
+        `params` are the request's sampling fields (default: this endpoint's)."""
+        params = self.params if params is None else params
         if self.endpoint.supports_n or n == 1:
-            return await self._request(messages, n, seed)
-        parts = await asyncio.gather(*(self._request(messages, 1, seed + i) for i in range(n)))
+            return await self._request(messages, n, seed, params)
+        parts = await asyncio.gather(*(self._request(messages, 1, seed + i, params) for i in range(n)))
         return [c for part in parts for c in part]
 
-    async def _request(self, messages: list[Message], n: int, seed: int) -> list[_Choice]:
+    async def _request(self, messages: list[Message], n: int, seed: int, params: dict) -> list[_Choice]:
+        logprobs = bool(params.get("logprobs")) and self.endpoint.supports_logprobs
+        named = {k: v for k, v in params.items() if k in OPENAI_FIELDS}
+        extra = {k: v for k, v in params.items() if k not in OPENAI_FIELDS and k != "logprobs"} or None
         for attempt in range(self.policy.retries + 1):
             try:
-                async with self.limit:
+                async with self.limit, request_slot(self.policy.global_limits):
                     self.requests += 1
                     resp = await self.client.chat.completions.create(
                         model=self.endpoint.model, messages=messages, n=n, seed=seed,
-                        logprobs=n > 1 or None, **self.params,
+                        extra_body=extra, **named, **({"logprobs": True} if logprobs else {}),
                     )
                 return _choices(resp, n)
             except TRANSIENT:
@@ -97,21 +114,36 @@ def _choices(resp, n: int) -> list[_Choice]:
         raise ValueError(f"asked for n={n} choices, the server returned {len(choices)}")
     total = resp.usage.completion_tokens if resp.usage else 0
     prompt = resp.usage.prompt_tokens if resp.usage else 0  # every choice saw the whole prompt
+    split = _split_tokens(total, [len(c.message.content or "") for c in choices])
     out = []
-    for c in choices:
-        if n == 1:
-            tokens = total
-        elif c.logprobs is not None and c.logprobs.content is not None:
-            tokens = len(c.logprobs.content)  # exact per-choice count
-        else:
-            tokens = round(total / n)  # server gave no per-choice detail: even split
-        out.append(_Choice(c.message.content, c.finish_reason, prompt, tokens))
+    for c, share in zip(choices, split):
+        token_logprobs = c.logprobs.content if c.logprobs is not None else None
+        tokens = len(token_logprobs) if token_logprobs is not None else share  # exact when given
+        logprob = sum(t.logprob for t in token_logprobs) if token_logprobs is not None else None
+        out.append(_Choice(c.message.content, c.finish_reason, prompt, tokens, logprob))
     return out
 
 
-def _describe(exc: BaseException) -> str:
+def _split_tokens(total: int, lengths: list[int]) -> list[int]:
+    """`total` tokens over choices in proportion to their text lengths (largest remainder, so
+    the shares add up to the server's count exactly)."""
+    weights = lengths if sum(lengths) else [1] * len(lengths)
+    raw = [total * w / sum(weights) for w in weights]
+    shares = [int(r) for r in raw]
+    by_remainder = sorted(range(len(raw)), key=lambda i: raw[i] - shares[i], reverse=True)
+    for i in by_remainder[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def _describe(exc: BaseException, secret: str | None = None) -> str:
+    """The recorded error message. Some servers echo the offered API key in a 401 body
+    ("Incorrect API key provided: sk-..."): the key is cut out before anything is stored."""
     status = getattr(exc, "status_code", None)
-    return f"{type(exc).__name__}{f' {status}' if status else ''}: {str(exc)[:500]}"
+    text = str(exc)
+    if secret and len(secret) >= 4:
+        text = text.replace(secret, "**********")
+    return f"{type(exc).__name__}{f' {status}' if status else ''}: {text[:500]}"
 
 
 class CallLayer:
@@ -129,12 +161,13 @@ class CallLayer:
         self.made = Counter()  # new calls per agent (samples generated, not served from cache)
         self.failed = Counter()
 
-    def for_prompt(self, prompt_id: str) -> "PromptGenerate":
+    def for_prompt(self, prompt_id: str) -> PromptGenerate:
         return PromptGenerate(self, prompt_id)
 
-    async def generate(self, prompt_id: str, agent: str, messages: list[Message], n: int, first_slot: int) -> list[Generation]:
+    async def generate(self, prompt_id: str, agent: str, messages: list[Message], n: int, first_slot: int,
+                       sampling: dict | None = None) -> list[Generation]:
         client = self.clients[agent]
-        request = {"messages": messages, **client.params}
+        request = {"messages": messages, **client.params, **(sampling or {})}
         base = content_key(self.namespace, client.endpoint.identity, request, self.run_seed)
         keys = [content_key(base, slot) for slot in range(first_slot, first_slot + n)]
         pending = {k: self.inflight[k] for k in keys if k in self.inflight}  # made by another caller
@@ -161,10 +194,11 @@ class CallLayer:
         start = time.perf_counter()
         try:
             try:
-                choices: list[_Choice | None] = await client.complete(request["messages"], len(keys), seed)
+                params = {k: v for k, v in request.items() if k != "messages"}
+                choices: list[_Choice | None] = await client.complete(request["messages"], len(keys), seed, params)
                 error = None
             except Exception as exc:  # recorded as data; the next run retries it
-                choices, error = [None] * len(keys), _describe(exc)
+                choices, error = [None] * len(keys), _describe(exc, client.endpoint.api_key.get_secret_value())
             latency = time.perf_counter() - start
             made = {}
             for key, slot, choice in zip(keys, slots, choices):
@@ -175,6 +209,7 @@ class CallLayer:
                     prompt_tokens=choice.prompt_tokens if choice else 0,
                     completion_tokens=choice.completion_tokens if choice else 0,
                     latency_s=latency, status=OK if choice else ERROR, error=error, created_at=time.time(),
+                    logprob=choice.logprob if choice else None,
                 )
                 self.sink(record)
                 (self.made if choice else self.failed)[agent] += 1
@@ -195,7 +230,7 @@ def _generation(record: CallRecord, cached: bool) -> Generation:
         sample_id=record.call_key, agent=record.agent, text=record.text,
         finish_reason=record.finish_reason, prompt_tokens=record.prompt_tokens,
         completion_tokens=record.completion_tokens, latency_s=record.latency_s,
-        status=record.status, error=record.error, cached=cached,
+        status=record.status, error=record.error, cached=cached, logprob=record.logprob,
     )
 
 
@@ -207,10 +242,15 @@ class PromptGenerate:
         self.layer, self.prompt_id = layer, prompt_id
         self.next_slot: Counter = Counter()
 
-    async def __call__(self, agent: str, messages: list[Message], n: int = 1) -> list[Generation]:
+    async def __call__(self, agent: str, messages: list[Message], n: int = 1, **sampling) -> list[Generation]:
+        """n samples from `agent`; `sampling` overrides this agent's sampling fields for this
+        request (e.g. stop=["\\n"], max_tokens=64) and is part of the cache key."""
         if agent not in self.layer.clients:
             raise KeyError(f"unknown agent {agent!r}; configured: {list(self.layer.clients)}")
-        slot_key = (agent, json.dumps(messages, sort_keys=True))
+        # Slots count per request content, not per alias: two aliases of one model with the same
+        # sampling then draw distinct samples instead of sharing slot 0 (same key, same record).
+        client = self.layer.clients[agent]
+        slot_key = json.dumps([client.endpoint.identity, client.params, messages, sampling], sort_keys=True)
         first = self.next_slot[slot_key]
         self.next_slot[slot_key] += n  # reserved before awaiting: order is the call order
-        return await self.layer.generate(self.prompt_id, agent, messages, n, first)
+        return await self.layer.generate(self.prompt_id, agent, messages, n, first, sampling or None)

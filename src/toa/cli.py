@@ -7,6 +7,8 @@
     toa report <run_id> [--out DIR]                     plots + Markdown/HTML report of a run
     toa export <run_id> [--out DIR] [--push-to-hub ID]  SFT/DPO as Parquet, JSONL, HF datasets
     toa methods                    list the sampling methods
+    toa evolve [--config run.toml] [--set ...] [--iterations K] [--evolve key=value ...]
+                                   EVA prompt evolution: sample, evolve the prompts, sample again
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from contextlib import contextmanager
 from typing import Any
 
 from toa.config import ConfigError, load_config
@@ -55,8 +58,53 @@ def cmd_run(args) -> None:
 
     overrides = _parse_sets(args.set)
     load_config(args.config, overrides)  # validate before Prefect starts: a bad config fails fast
-    result = toa(config_file=args.config, overrides=overrides)
+    with _progress_bar(sys.stdout.isatty() and not args.no_progress):
+        result = toa(config_file=args.config, overrides=overrides)
     _print_result(result)
+
+
+def cmd_evolve(args) -> None:
+    """Run the `toa-evolve` flow and print each iteration's run and the evolve id."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from toa.evolve import EvolveConfig
+    from toa.flows.evolve import toa_evolve
+
+    overrides, evolve = _parse_sets(args.set), _parse_sets(args.evolve)
+    load_config(args.config, overrides)  # both validated before Prefect starts
+    try:
+        EvolveConfig(**evolve)
+    except ValueError as exc:
+        raise SystemExit(f"invalid --evolve: {exc}") from None
+    result = toa_evolve(config_file=args.config, iterations=args.iterations, evolve=evolve, overrides=overrides)
+    for i, run in enumerate(result["runs"]):
+        print(f"iteration {i}: run {run['run_id']}")
+    print(f"evolve {result['evolve_id']}: toa sql \"select * from evolve_iterations where evolve_id = "
+          f"'{result['evolve_id']}'\"; evolved prompts in the evolutions view")
+
+
+@contextmanager
+def _progress_bar(show: bool):
+    """A bar of prompts done / total with an ETA on a terminal (not in CI logs: the flow's
+    per-batch log lines already say the same there)."""
+    if not show:
+        yield
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from toa.tasks.progress import format_eta, listen
+
+    columns = (TextColumn("prompts"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TextColumn("batches {task.fields[batches]}"), TextColumn("ETA {task.fields[eta]}"))
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("prompts", total=None, batches="-", eta="unknown")
+
+        def update(snap):
+            bar.update(task, completed=snap.done, total=snap.total, eta=format_eta(snap.eta_s),
+                       batches=f"{snap.batches_done}/{snap.batches_total}")
+
+        with listen(update):
+            yield
 
 
 def _print_result(result: dict) -> None:
@@ -92,9 +140,9 @@ def cmd_tree(args) -> None:
     from toa.treeview import render_html, render_text, tree_frames
 
     store = Store(_root(args))
-    where = "prompt_id = ? AND method = ?"
-    nodes = query(store, f"SELECT * FROM tree_nodes WHERE {where}", [args.prompt_id, args.method])
-    samples = query(store, f"SELECT * FROM samples WHERE {where}", [args.prompt_id, args.method])
+    # literal SQL with bound values only (tests/test_security.py checks every query call)
+    nodes = query(store, "SELECT * FROM tree_nodes WHERE prompt_id = ? AND method = ?", [args.prompt_id, args.method])
+    samples = query(store, "SELECT * FROM samples WHERE prompt_id = ? AND method = ?", [args.prompt_id, args.method])
     if nodes.is_empty():
         raise SystemExit(f"no {args.method} tree stored for prompt {args.prompt_id!r} under {store.url}")
     try:
@@ -148,7 +196,16 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--config", help="run file (TOML or YAML)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field (dotted key; value parsed as JSON if it can be)")
+        if name == "run":
+            p.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal anyway)")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("evolve", help="EVA prompt evolution loop (flow toa-evolve)")
+    p.add_argument("--config", help="run file (TOML or YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run config field")
+    p.add_argument("--iterations", type=int, help="evolve steps (default 1)")
+    p.add_argument("--evolve", action="append", default=[], metavar="KEY=VALUE",
+                   help="an evolve option (toa.evolve.EvolveConfig: metric, fraction, evolutions, agent, ...)")
+    p.set_defaults(fn=cmd_evolve)
     p = sub.add_parser("sql", help="query the results with DuckDB")
     p.add_argument("query")
     p.add_argument("--root", help="results root (default: the config's results_root)")

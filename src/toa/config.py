@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 from toa.prompts import DEFAULT_PROMPTS, PromptSource
 from toa.reward.config import RewardConfig
 from toa.rows import content_key
+from toa.runners import TaskRunnerConfig
 from toa.servers.spec import AttachSpec, LaunchSpec
 
 OPERATIONAL = {"operational": True}  # json_schema_extra marker: excluded from the fingerprint
@@ -44,6 +45,17 @@ class SamplingParams(BaseModel):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+class GlobalLimit(BaseModel):
+    """Per-endpoint limits shared by every process and machine that talks to one Prefect API."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="Prefect global concurrency limit held by each request to this endpoint; every worker that names it shares it. The rate limit is `<name>-rate`.",
+                      pattern=r"^[A-Za-z0-9_.:-]+$")
+    concurrency: int | None = Field(None, gt=0, description="Requests in flight across all workers: toa creates the limit `name` with this many slots, or updates it. None with requests_per_minute: no concurrency slot; None without it: `name` must already exist in Prefect and is used as set there.")
+    requests_per_minute: float | None = Field(None, gt=0, description="Request rate across all workers: toa creates or updates `<name>-rate`, a limit whose slots decay at this rate (bursts of up to one second's worth).")
+    timeout_s: float | None = Field(None, gt=0, description="Longest wait for a slot before the call fails (recorded as an error row); None waits as long as it takes.")
+
+
 class AgentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     alias: str = Field(description="Name of this agent in samples, labels and datasets.", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -54,9 +66,10 @@ class AgentConfig(BaseModel):
     max_concurrency: int = Field(64, gt=0, description="Requests in flight to this endpoint.", json_schema_extra=OPERATIONAL)
     timeout_s: float = Field(300.0, gt=0, description="Per-request timeout.", json_schema_extra=OPERATIONAL)
     retries: int = Field(4, ge=0, description="Retries on transient failures (exponential backoff).", json_schema_extra=OPERATIONAL)
+    global_limit: GlobalLimit | None = Field(None, description="Limits on this endpoint that hold across processes and machines (Prefect global concurrency limits); max_concurrency still limits each process.", json_schema_extra=OPERATIONAL)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "AgentConfig":
+    def _one_source(self) -> AgentConfig:
         given = [k for k in ("launch", "endpoint", "block") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"agent {self.alias!r} needs exactly one of launch, endpoint, block (got {given or 'none'})")
@@ -87,11 +100,13 @@ class RunConfig(BaseSettings):
     dpo_rank: int | None = Field(None, gt=1, description="DPO rejected = the response ranked r-th by reward; default scales the paper's 30-of-160 to the budget.")
     results_root: str = Field("results", description="fsspec URL of the results root (Parquet shards + DuckDB).", json_schema_extra=OPERATIONAL)
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for results_root.", json_schema_extra=OPERATIONAL)
+    results_block: str | None = Field(None, description="Name of a toa ResultsLocation Prefect block; it replaces results_root and supplies storage options (credentials as secrets).", json_schema_extra=OPERATIONAL)
     prompt_concurrency: int = Field(64, gt=0, description="Prompts of one batch in flight at once.", json_schema_extra=OPERATIONAL)
     task_retries: int = Field(2, ge=0, description="Prefect retries of a failed (method, batch) task.", json_schema_extra=OPERATIONAL)
+    task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig, description="Where the (method, batch) tasks run: Prefect threads in the flow process, or a Dask cluster (toa.runners).", json_schema_extra=OPERATIONAL)
 
     @model_validator(mode="after")
-    def _check(self) -> "RunConfig":
+    def _check(self) -> RunConfig:
         from toa.methods import method_names
 
         aliases = [a.alias for a in self.agents]
@@ -100,6 +115,7 @@ class RunConfig(BaseSettings):
         unknown = [m for m in self.methods if m not in method_names()]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; known: {method_names()}")
+        _check_method_options(self.method_options)
         return self
 
     @property
@@ -207,10 +223,32 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         node[leaf] = value
 
 
+def _check_method_options(options: dict[str, dict[str, Any]]) -> None:
+    """A typo in method_options would otherwise be ignored (an unknown method) or fail every
+    batch later (an unknown option): both fail here, before anything starts."""
+    from toa.methods import get_method, method_names
+
+    typos = [m for m in options if m not in method_names()]
+    if typos:
+        raise ValueError(f"method_options for unknown method(s) {typos}; known: {method_names()}")
+    for name, opts in options.items():
+        try:
+            get_method(name, **opts)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"method_options.{name}: {exc}") from None
+
+
 def _index(items: list, part: str, dotted: str) -> int:
-    if not part.isdigit() or int(part) >= len(items):
-        raise ConfigError(f"override {dotted!r}: {part!r} is not an index of a {len(items)}-item list")
-    return int(part)
+    """A list position in a dotted override: an index, or for agents their alias."""
+    if part.isdigit() and int(part) < len(items):
+        return int(part)
+    aliases = [item.get("alias") for item in items if isinstance(item, dict)]
+    if part in aliases:
+        return aliases.index(part)
+    if any(aliases):
+        raise ConfigError(f"override {dotted!r}: no agent with alias {part!r}; "
+                          f"agents: {', '.join(str(a) for a in aliases)} (or an index 0..{len(items) - 1})")
+    raise ConfigError(f"override {dotted!r}: {part!r} is not an index of a {len(items)}-item list")
 
 
 def _explain(exc: ValidationError, path: str | Path | None) -> str:

@@ -6,11 +6,14 @@ the 30th; `RunConfig.rejected_rank` scales r to the budget). When fewer than r r
 scored, the lowest-ranked one is used. A pair is dropped when the rejected reward equals the
 chosen one (it carries no preference) or the two texts are identical.
 Only samples whose generation and reward both succeeded take part; errors are never ranked.
+A method may build its own rows instead (`method_builder`; multi-turn rows carry chat JSON in
+`sft.messages` / `dpo.prompt_messages`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import polars as pl
 
@@ -32,6 +35,7 @@ def build_sft(samples: pl.DataFrame, prompts: pl.DataFrame) -> pl.DataFrame:
     return (
         best.join(prompts.select("prompt_id", pl.col("text").alias("prompt")), on="prompt_id", how="left")
         .rename({"text": "response"})
+        .with_columns(messages=pl.lit(None, pl.Utf8))  # single turn: [prompt, response]
         .select(list(SCHEMAS["sft"]))
     )
 
@@ -51,17 +55,27 @@ def build_dpo(samples: pl.DataFrame, prompts: pl.DataFrame, rejected_rank: int) 
             pl.col("agent").alias("chosen_agent"), pl.col("agent_r").alias("rejected_agent"),
             pl.col("reward").alias("chosen_reward"), pl.col("reward_r").alias("rejected_reward"),
             pl.col("rank_r").alias("rejected_rank"), pl.col("sample_id").alias("chosen_id"),
-            pl.col("sample_id_r").alias("rejected_id"),
+            pl.col("sample_id_r").alias("rejected_id"), pl.lit(None, pl.Utf8).alias("prompt_messages"),
         )
         .select(list(SCHEMAS["dpo"]))
     )
+
+
+def method_builder(method: str, options: dict) -> Callable | None:
+    """A method's own dataset builder, when it defines one: `datasets(samples, prompts, read)
+    -> (sft, dpo)` with `read(table)` giving the method's rows of another table (Optima: SFT =
+    the best dialogue, DPO = branch-point pairs). None: the best-vs-ranked rule above."""
+    from toa.methods import get_method
+
+    return getattr(get_method(method, **options), "datasets", None)
 
 
 def sft_jsonl(sft: pl.DataFrame) -> str:
     """Chat-format SFT lines (`messages`), the shape TRL's SFTTrainer reads, with provenance."""
     lines = []
     for row in sft.iter_rows(named=True):
-        messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+        messages = json.loads(row["messages"]) if row.get("messages") else \
+            [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
         meta = {k: row[k] for k in ("run_id", "method", "prompt_id", "agent", "reward", "sample_id")}
         lines.append(json.dumps({"messages": messages, **meta}, ensure_ascii=False))
     return "\n".join(lines) + ("\n" if lines else "")

@@ -18,7 +18,7 @@ import duckdb
 from toa.sql import load as load_sql
 from toa.storage import Store
 
-VIEW_FILES = ("tables", "summary", "analysis")
+VIEW_FILES = ("tables", "summary", "analysis", "evolve", "accuracy")
 
 
 def database_path(store: Store) -> Path:

@@ -11,8 +11,9 @@ reward record is routed to the shard writer of the batch its prompt belongs to.
 
 Resume: a batch reads its recorded calls and rewards first (`calls/batch=<key>`,
 `rewards/batch=<key>`), so a rerun replays what was done and makes only the missing calls.
-Calls and rewards are flushed to shards while the batch runs (a crash loses at most ~2 s of
-records); samples and tree nodes are written whole at the end, and a `done` marker, written
+Calls and rewards are flushed to shards while the batch runs (every ~2 s; on a local root each
+record is journaled at once, so a crash loses only the calls in flight); samples, tree nodes and a method's further tables (MethodOutput.tables, e.g.
+value_targets) are written whole at the end, and a `done` marker, written
 only when nothing failed, lets a rerun skip the batch entirely.
 """
 
@@ -20,18 +21,34 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import polars as pl
 
 from toa.calls import CallLayer, ClientPolicy, EndpointClient
-from toa.config import RunConfig
+from toa.config import AgentConfig, RunConfig
+from toa.limits import ensure_limits, names_for
 from toa.methods import MethodContext, get_method
 from toa.reward import RewardService, build_backend
-from toa.rows import ERROR, OK, CallRecord, Generation, MethodOutput, Prompt, RewardRecord, Sample, Score, frame, sample_row
+from toa.rows import (
+    ERROR,
+    OK,
+    CallRecord,
+    Generation,
+    MethodOutput,
+    Prompt,
+    RewardRecord,
+    Sample,
+    Score,
+    frame,
+    sample_row,
+)
 from toa.servers import Endpoint
 from toa.storage import ShardWriter, Store
 
@@ -44,8 +61,9 @@ class Engine:
         self.thread = threading.Thread(target=self.loop.run_forever, name="toa-engine", daemon=True)
         self.thread.start()
         self.reward_backend = build_backend(cfg.reward)
-        self.reward_cache: dict[str, RewardRecord] = {}  # grows as batches load their records
+        self.reward_cache: dict[str, RewardRecord] = {}  # records of the live batches' prompts
         self.reward_sinks: dict[str, list[ShardWriter]] = {}  # prompt_id -> writers of live batches
+        self.reward_keys: dict[str, set[str]] = {}  # prompt_id -> its reward keys held in memory
         self.rewards = RewardService(self.reward_backend, self.reward_cache, self._route_reward,
                                      max_batch=cfg.reward.batch_size, max_wait_s=cfg.reward.max_wait_ms / 1000,
                                      retries=cfg.reward.retries)
@@ -53,9 +71,12 @@ class Engine:
 
     def _route_reward(self, record: RewardRecord) -> None:
         self.reward_sinks[record.prompt_id][-1].append(record)
+        self.reward_keys.setdefault(record.prompt_id, set()).add(record.reward_key)
 
     def open_batch(self, prompts: list[Prompt], cache: dict[str, RewardRecord], sink: ShardWriter) -> None:
         self.reward_cache.update(cache)
+        for key, record in cache.items():
+            self.reward_keys.setdefault(record.prompt_id, set()).add(key)
         for p in prompts:
             self.reward_sinks.setdefault(p.prompt_id, []).append(sink)
 
@@ -64,15 +85,15 @@ class Engine:
             writers = self.reward_sinks.get(p.prompt_id, [])
             if sink in writers:
                 writers.remove(sink)
-            if not writers:
+            if not writers:  # no live batch needs this prompt's rewards in memory any more
                 self.reward_sinks.pop(p.prompt_id, None)
+                keys = self.reward_keys.pop(p.prompt_id, set())
+                for key in keys:
+                    self.reward_cache.pop(key, None)
+                self.rewards.forget(keys)
 
     async def _make_clients(self, cfg: RunConfig, endpoints: dict[str, Endpoint]) -> dict[str, EndpointClient]:
-        clients = {}
-        for agent in cfg.agents:
-            policy = ClientPolicy(agent.max_concurrency, agent.timeout_s, agent.retries)
-            clients[agent.alias] = EndpointClient(endpoints[agent.alias], agent.sampling.request_fields(), policy)
-        return clients
+        return {agent.alias: await make_client(agent, endpoints[agent.alias]) for agent in cfg.agents}
 
     def run(self, coro):
         """Run a coroutine on the engine loop from any thread and wait for its result."""
@@ -88,6 +109,28 @@ class Engine:
         self.run(_close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+
+
+# Observers of prompt progress, called as hook(method, batch, prompts done by this attempt of
+# the batch) on the engine loop, with 0 when an attempt starts (toa.tasks.progress feeds the
+# `toa run` progress bar from it). They must be cheap and must not raise.
+PROMPT_HOOKS: list[Callable[[str, str, int], None]] = []
+
+
+def _report_prompts(method: str, batch: str, done: int) -> None:
+    for hook in PROMPT_HOOKS:
+        try:
+            hook(method, batch, done)
+        except Exception:  # progress display never fails a batch
+            pass
+
+
+async def make_client(agent: AgentConfig, endpoint: Endpoint) -> EndpointClient:
+    """The request-layer client of one agent, with its local and cross-process limits (the
+    Prefect limits are created first). Call on the loop that will use the client."""
+    await ensure_limits([agent])
+    policy = ClientPolicy(agent.max_concurrency, agent.timeout_s, agent.retries, global_limits=names_for(agent.global_limit))
+    return EndpointClient(endpoint, agent.sampling.request_fields(), policy)
 
 
 _ENGINES: dict[str, Engine] = {}
@@ -125,6 +168,7 @@ class BatchStats:
     method_errors: int = 0  # prompts whose method raised
     skipped: bool = False  # the batch was already done
     seconds: float = 0.0
+    worker: str = ""  # host:pid of the process that ran it (threads: the flow's; Dask: a worker's)
 
     @property
     def failed(self) -> bool:
@@ -153,14 +197,15 @@ def run_batch(cfg: RunConfig, endpoints: dict[str, Endpoint], run_id: str, metho
         done = BatchStats(**{k: v for k, v in recorded.items() if k in BatchStats.__dataclass_fields__})
         # Nothing is called this time: everything it holds counts as replayed.
         return BatchStats(method, batch, prompts=done.prompts, samples=done.samples, cached=done.samples,
-                          prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens, skipped=True)
+                          prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens, skipped=True,
+                          worker=done.worker)
     engine = get_engine(cfg, endpoints)
     start = time.perf_counter()
     call_sink = ShardWriter(store, "calls", f"batch={batch}")
     reward_sink = ShardWriter(store, "rewards", f"batch={batch}")
     engine.run(_on_loop(engine.open_batch, prompts, _rewards_cache(store, batch), reward_sink))
     try:
-        outputs, layer = engine.run(_run_prompts(cfg, engine, method, prompts, _calls_cache(store, batch), call_sink))
+        outputs, layer = engine.run(_run_prompts(cfg, engine, method, prompts, _calls_cache(store, batch), call_sink, batch))
     finally:
         engine.run(_on_loop(engine.close_batch, prompts, reward_sink))
         call_sink.flush()
@@ -168,6 +213,7 @@ def run_batch(cfg: RunConfig, endpoints: dict[str, Endpoint], run_id: str, metho
     stats = _write_outputs(store, run_id, method, batch, outputs)
     stats.calls_made, stats.calls_failed = sum(layer.made.values()), sum(layer.failed.values())
     stats.seconds = time.perf_counter() - start
+    stats.worker = f"{socket.gethostname()}:{os.getpid()}"
     if not stats.failed:
         store.write_json(asdict(stats), *done_marker(run_id, method, batch))
     return stats
@@ -178,7 +224,7 @@ async def _on_loop(fn, *args):
     return fn(*args)
 
 
-async def _run_prompts(cfg, engine, method_name, prompts, calls_cache, call_sink):
+async def _run_prompts(cfg, engine, method_name, prompts, calls_cache, call_sink, batch=""):
     layer = CallLayer(engine.clients, calls_cache, call_sink.append, cfg.seed, namespace=method_name)
     method = get_method(method_name, **cfg.method_options.get(method_name, {}))
     agents = tuple(a.alias for a in cfg.agents)
@@ -192,7 +238,12 @@ async def _run_prompts(cfg, engine, method_name, prompts, calls_cache, call_sink
                 return await method.run(ctx)
             except Exception as exc:  # one prompt's failure is recorded, not the batch's end
                 return exc
+            finally:
+                finished[0] += 1
+                _report_prompts(method_name, batch, finished[0])
 
+    finished = [0]
+    _report_prompts(method_name, batch, 0)
     outputs = await asyncio.gather(*(one(p) for p in prompts))
     return list(zip(prompts, outputs)), layer
 
@@ -201,6 +252,7 @@ def _write_outputs(store: Store, run_id: str, method: str, batch: str, outputs) 
     stats = BatchStats(method=method, batch=batch, prompts=len(outputs))
     sample_rows: list[dict[str, Any]] = []
     node_rows: list[dict[str, Any]] = []
+    extra_rows: dict[str, list[dict[str, Any]]] = {}  # MethodOutput.tables, e.g. value_targets
     keys = dict(run_id=run_id, method=method, batch=batch)
     for prompt, out in outputs:
         if isinstance(out, BaseException):
@@ -214,11 +266,16 @@ def _write_outputs(store: Store, run_id: str, method: str, batch: str, outputs) 
             stats.prompt_tokens += s.generation.prompt_tokens
             stats.completion_tokens += s.generation.completion_tokens
         node_rows += [{**asdict(n), **keys, "prompt_id": prompt.prompt_id} for n in out.nodes]
+        for table, rows in out.tables.items():
+            extra_rows.setdefault(table, []).extend({**r, **keys, "prompt_id": prompt.prompt_id} for r in rows)
     stats.samples = len(sample_rows) - stats.method_errors
     # Deterministic names: a retry overwrites the same shard instead of adding a second copy.
     store.write_frame(frame("samples", sample_rows), store.path("samples", f"run={run_id}", f"method={method}", f"{batch}.parquet"))
     if node_rows:
         store.write_frame(frame("tree_nodes", node_rows), store.path("tree_nodes", f"run={run_id}", f"method={method}", f"{batch}.parquet"))
+    for table, rows in extra_rows.items():
+        if rows:
+            store.write_frame(frame(table, rows), store.path(table, f"run={run_id}", f"method={method}", f"{batch}.parquet"))
     return stats
 
 

@@ -10,6 +10,8 @@ Layout under `out_dir` (one folder per method):
     <method>/hf/                      a `datasets.DatasetDict` (save_to_disk) with two splits,
                                       "sft" and "dpo": load_from_disk(<method>/hf)["dpo"]
     <method>/README.md                dataset card: the method, the row counts, the run config
+    <method>/value_targets.parquet    step_mcts only: value-model targets (prompt, state = steps so
+                                      far, visits, mean verified outcome), the `value_targets` rows
 
 The rows are the stored `sft` / `dpo` tables (built by tasks/datasets.py), and every format is
 made from the same records: JSONL by toa.datasets.sft_jsonl / dpo_jsonl, Parquet and the HF
@@ -23,8 +25,9 @@ card for the whole run, e.g. load_dataset(repo, "toa-dpo").
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import polars as pl
 
@@ -100,6 +103,17 @@ def export_method(folder: Path, sft: pl.DataFrame, dpo: pl.DataFrame, formats: I
     return out
 
 
+def export_value_targets(store: Store, run_id: str, method: str, folder: Path) -> dict[str, Path]:
+    """<method>/value_targets.parquet when the method stored value targets (step_mcts)."""
+    rows = store.read("value_targets", f"run={run_id}", f"method={method}")
+    if rows.is_empty():
+        return {}
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "value_targets.parquet"
+    rows.sort("prompt_id", "node_id").write_parquet(target)
+    return {"value_targets.parquet": target}
+
+
 def push(repo_id: str, card: str, parts: dict[str, tuple[pl.DataFrame, pl.DataFrame]]) -> None:
     """Card first, then the configs: push_to_hub merges its config metadata into an existing card,
     while uploading the card afterwards would drop that metadata."""
@@ -131,6 +145,7 @@ def export_run(store: Store, run_id: str, out_dir: str | Path, formats: Iterable
         mine_sft, mine_dpo = (df.filter(pl.col("method") == method) for df in (sft, dpo))
         folder = Path(out_dir) / method
         files = export_method(folder, mine_sft, mine_dpo, formats)
+        files.update(export_value_targets(store, run_id, method, folder))
         counts[method] = {"sft": mine_sft.height, "dpo": mine_dpo.height}
         card = folder / "README.md"
         card.write_text(dataset_card(run_id, [method], counts, config), encoding="utf-8")

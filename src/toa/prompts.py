@@ -19,6 +19,11 @@ are 1-based physical lines (the CSV header is line 1); Parquet rows are 1-based 
 Blank lines are ignored.
 
 `DEFAULT_PROMPTS` is the path of the small prompt set packaged with toa.
+
+Verifiable sources (questions with known answers, so methods compare by accuracy too):
+`preset = "gsm8k"` reads "question" and "answer" and keeps as the reference the gold after
+"#### " (a bare number is taken as is); `preset = "math"` reads "problem" and the gold from "answer", or
+where a row has none, the last \\boxed{} of its "solution" (a field without one is taken whole). A preset only fills fields left unset; `answer_format` is the extraction on its own.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from typing import Any, Literal
 
 import fsspec
 from fsspec.utils import infer_compression
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from toa.rows import Prompt, SkippedRow
 
@@ -60,6 +65,14 @@ class BadPromptRow(ValueError):
         super().__init__(f"{display_name(source)}:{line}: {reason}")
 
 
+# What a preset fills in when the source leaves it unset.
+PRESETS: dict[str, dict[str, str]] = {
+    "gsm8k": {"text_field": "question", "reference_field": "answer", "answer_format": "gsm8k"},
+    "math": {"text_field": "problem", "reference_field": "answer", "reference_fallback_field": "solution",
+             "answer_format": "math"},
+}
+
+
 class PromptSource(BaseModel):
     """Where the prompts are and how to read them."""
 
@@ -79,9 +92,30 @@ class PromptSource(BaseModel):
         "fail", description="'fail' raises BadPromptRow at the first bad row; "
                             "'skip' yields a SkippedRow for it and goes on.")
     limit: int | None = Field(None, ge=0, description="Stop after this many good prompts; None reads all.")
+    preset: Literal["gsm8k", "math"] | None = Field(
+        None, description="A verifiable source layout: 'gsm8k' (question, answer with the gold after '#### ') "
+                          "or 'math' (problem; answer, else the last \\boxed{} of solution); fills only unset fields.")
+    reference_fallback_field: str | None = Field(
+        None, description="Where a row has no reference_field value, the reference is read from this field.")
+    answer_format: Literal["raw", "gsm8k", "math"] = Field(
+        "raw", description="How the reference field becomes the gold answer: 'raw' as is, 'gsm8k' the text "
+                           "after the last '#### ', 'math' the last \\boxed{} content. Not 'raw' marks the source "
+                           "verifiable: every sample gets a verdict (accuracy views).")
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="Passed to fsspec (credentials, endpoints, ...); not part of the fingerprint.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            data = {**PRESETS[data["preset"]], **data}  # explicit fields win over the preset
+        return data
+
+    @property
+    def verifiable(self) -> bool:
+        """References are gold answers a verifier can check (toa.verdicts)."""
+        return self.answer_format != "raw"
 
     def resolved_format(self) -> str:
         return self.format if self.format != "auto" else format_from_suffix(self.path)
@@ -89,10 +123,15 @@ class PromptSource(BaseModel):
     def fingerprint(self) -> dict[str, Any]:
         """The fields that change which prompts come out; storage_options are left out on
         purpose (they hold credentials and do not change the data)."""
-        return {
+        out = {
             "path": self.path, "format": self.resolved_format(), "text_field": self.text_field,
             "id_field": self.id_field, "reference_field": self.reference_field, "limit": self.limit,
         }
+        if self.answer_format != "raw":  # only when set: existing run ids stay as they were
+            out["answer_format"] = self.answer_format
+        if self.reference_fallback_field is not None:
+            out["reference_fallback_field"] = self.reference_fallback_field
+        return out
 
 
 # --- names and ids -------------------------------------------------------------------------
@@ -203,11 +242,31 @@ def _row_to_prompt(row: Any, src: PromptSource, line: int) -> Prompt | str:
         prompt_id = own
     reference = None
     ref_field = src.reference_field
+    if src.reference_fallback_field is not None and (ref_field is None or row.get(ref_field) is None):
+        ref_field = src.reference_fallback_field
     if ref_field is not None and row.get(ref_field) is not None:
         reference = _scalar_text(row[ref_field])
         if reference is None:
             return f"field {ref_field!r} is not a string (got {type(row[ref_field]).__name__})"
+        reference = gold_answer(reference, src.answer_format)
+        if reference is None:
+            return f"field {ref_field!r} holds no {src.answer_format} gold answer"
     return Prompt(prompt_id=prompt_id, text=text, reference=reference, source=src.path, line=line)
+
+
+def gold_answer(reference: str, answer_format: str) -> str | None:
+    """The gold answer inside a reference field: GSM8K's text after the last '#### ', MATH's
+    last \\boxed{} content; a field without the marker is taken whole (a bare gold). None when
+    nothing is left."""
+    text = reference.strip()
+    if answer_format == "gsm8k" and "####" in text:
+        text = text.rsplit("####", 1)[1].strip().replace(",", "")
+    elif answer_format == "math":
+        from toa.reward.math_verify import _boxed_contents as boxed_contents
+
+        boxed = boxed_contents(text)
+        text = boxed[-1].strip() if boxed else text
+    return text or None
 
 
 # --- per-format row readers: yield (line, row | reason, raw) -----------------------------------
@@ -307,7 +366,8 @@ def _parquet_rows(f: Any, src: PromptSource) -> Iterator[Item]:
     names = pf.schema_arrow.names
     if src.text_field not in names:
         raise BadPromptRow(src.path, 1, f"file has no column {src.text_field!r} (columns: {names})")
-    wanted = [c for c in (src.text_field, src.id_field, src.reference_field) if c in names]
+    wanted = [c for c in (src.text_field, src.id_field, src.reference_field, src.reference_fallback_field)
+              if c in names]
     rowno = 0
     for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted):
         for row in batch.to_pylist():
@@ -367,6 +427,16 @@ def default_source(**overrides: Any) -> PromptSource:
 
 
 __all__ = [
-    "DEFAULT_PROMPTS", "BadPromptRow", "PromptSource", "prompt_id_for", "normalize_text",
-    "iter_prompts", "load_prompts", "default_source", "display_name", "format_from_suffix",
+    "DEFAULT_PROMPTS",
+    "PRESETS",
+    "BadPromptRow",
+    "PromptSource",
+    "default_source",
+    "display_name",
+    "format_from_suffix",
+    "gold_answer",
+    "iter_prompts",
+    "load_prompts",
+    "normalize_text",
+    "prompt_id_for",
 ]

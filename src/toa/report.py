@@ -44,6 +44,7 @@ class RunTables:
     calls: pl.DataFrame
     trees: pl.DataFrame
     dpo: pl.DataFrame
+    accuracy: pl.DataFrame | None = None  # verifiable sources only (verdicts exist)
 
 
 # Every query binds the run id; the view names are fixed text.
@@ -61,6 +62,9 @@ QUERIES = {
                        sum(improved) / nullif(sum(refinements), 0) AS improve_rate
                 FROM tree_stats WHERE run_id = ? GROUP BY method ORDER BY method""",
     "dpo": "SELECT * EXCLUDE (run_id) FROM dpo_margin_summary WHERE run_id = ?",
+    "accuracy": """SELECT a.method, a.k, a.best_of_k, a.majority_vote, a.pass_at_k, a.prompts, s.sample_accuracy
+                   FROM accuracy_at_budget a JOIN accuracy_summary s USING (run_id, method)
+                   WHERE a.run_id = ? ORDER BY a.method, a.k""",
 }
 CONFIG_QUERY = "SELECT config_json FROM runs WHERE run_id = ? ORDER BY started_at DESC LIMIT 1"
 
@@ -189,7 +193,10 @@ def sections(t: RunTables) -> list[tuple[str, str, pl.DataFrame]]:
         ("Calls", "Per method and agent (call_stats); latency in seconds.", t.calls),
         ("Trees and refinement", "Depth, width and how often a refinement beat its parent (tree_stats).", t.trees),
         ("DPO pair margins", "chosen - rejected reward (dpo_margin_summary).", t.dpo),
-    ]
+    ] + ([("Accuracy at budget", "Verifiable prompts: share of prompts answered correctly with k generations, "
+           "by the reward model's best of k (expected over random subsets), by majority vote over the first k, "
+           "and pass@k (an oracle bound); sample_accuracy = share of correct generations (accuracy_at_budget).",
+           t.accuracy)] if t.accuracy is not None and not t.accuracy.is_empty() else [])
 
 
 # -- documents -------------------------------------------------------------------------------

@@ -61,10 +61,18 @@ class Generation:
     status: str = OK
     error: str | None = None
     cached: bool = False
+    logprob: float | None = None  # sum of the completion's token logprobs, when the server gave them
 
     @property
     def ok(self) -> bool:
         return self.status == OK
+
+    @property
+    def mean_logprob(self) -> float | None:
+        """Per-token mean logprob (a length-normalized likelihood: PUCT priors, Optima's loss)."""
+        if self.logprob is None or not self.completion_tokens:
+            return None
+        return self.logprob / self.completion_tokens
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,9 @@ class MethodOutput:
 
     samples: list[Sample]
     nodes: list[TreeNode] = field(default_factory=list)
+    # Further rows for other tables of SCHEMAS, {table: [row dicts]}: the engine adds run_id,
+    # method, batch and prompt_id and writes one shard per (run, method, batch), like tree_nodes.
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -133,6 +144,7 @@ class CallRecord:
     status: str
     error: str | None
     created_at: float
+    logprob: float | None = None  # sum of token logprobs; null for records made before it was kept
 
 
 @dataclass(frozen=True)
@@ -154,6 +166,7 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "request_json": pl.Utf8, "seed": pl.Int64, "slot": pl.Int64, "text": pl.Utf8,
         "finish_reason": pl.Utf8, "prompt_tokens": pl.Int64, "completion_tokens": pl.Int64,
         "latency_s": pl.Float64, "status": pl.Utf8, "error": pl.Utf8, "created_at": pl.Float64,
+        "logprob": pl.Float64,
     },
     "rewards": {
         "reward_key": pl.Utf8, "reward_id": pl.Utf8, "prompt_id": pl.Utf8,
@@ -174,6 +187,14 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "depth": pl.Int64, "visits": pl.Int64, "value": pl.Float64, "n_values": pl.Int64,
         "sample_id": pl.Utf8, "created": pl.Int64,
     },
+    # step_mcts: per visited node, the state (prompt + steps so far) and its mean verified
+    # outcome over `visits` rollouts: training targets for a value model.
+    "value_targets": {
+        "run_id": pl.Utf8, "method": pl.Utf8, "batch": pl.Utf8, "prompt_id": pl.Utf8,
+        "node_id": pl.Utf8, "parent_id": pl.Utf8, "depth": pl.Int64, "prompt": pl.Utf8,
+        "state": pl.Utf8, "visits": pl.Int64, "value": pl.Float64, "prior": pl.Float64,
+        "terminal": pl.Boolean,
+    },
     "prompts": {
         "prompt_id": pl.Utf8, "text": pl.Utf8, "reference": pl.Utf8, "source": pl.Utf8,
         "line": pl.Int64, "batch": pl.Utf8,
@@ -187,12 +208,40 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "run_id": pl.Utf8, "method": pl.Utf8, "prompt_id": pl.Utf8, "prompt": pl.Utf8,
         "response": pl.Utf8, "agent": pl.Utf8, "action": pl.Utf8, "reward": pl.Float64,
         "sample_id": pl.Utf8, "n_samples": pl.Int64,
+        "messages": pl.Utf8,  # chat JSON for multi-turn examples (dialogue methods); null: [prompt, response]
     },
     "dpo": {
         "run_id": pl.Utf8, "method": pl.Utf8, "prompt_id": pl.Utf8, "prompt": pl.Utf8,
         "chosen": pl.Utf8, "rejected": pl.Utf8, "chosen_agent": pl.Utf8,
         "rejected_agent": pl.Utf8, "chosen_reward": pl.Float64, "rejected_reward": pl.Float64,
         "rejected_rank": pl.Int64, "chosen_id": pl.Utf8, "rejected_id": pl.Utf8,
+        "prompt_messages": pl.Utf8,  # chat JSON of a multi-turn context (dialogue methods); null: prompt alone
+    },
+    # one row per dialogue of the `optima` method (toa.methods.dialogue)
+    "dialogues": {
+        "run_id": pl.Utf8, "method": pl.Utf8, "batch": pl.Utf8, "prompt_id": pl.Utf8,
+        "dialogue_id": pl.Utf8, "mode": pl.Utf8, "speakers": pl.Utf8, "turns": pl.Int64,
+        "stop_reason": pl.Utf8, "final_answer": pl.Utf8, "correct": pl.Float64, "tokens": pl.Int64,
+        "max_loss": pl.Float64, "reward_kind": pl.Utf8, "reward": pl.Float64, "reward_status": pl.Utf8,
+        "reward_error": pl.Utf8, "utterance_ids": pl.Utf8,
+    },
+    # Prompt evolution (toa.evolve): one row per evolution step, kept or rejected (with why).
+    "evolutions": {
+        "evolve_id": pl.Utf8, "iteration": pl.Int64, "from_run_id": pl.Utf8, "prompt_id": pl.Utf8,
+        "parent_prompt_id": pl.Utf8, "root_prompt_id": pl.Utf8, "step": pl.Int64, "kind": pl.Utf8,
+        "kinds": pl.Utf8, "agent": pl.Utf8, "call_key": pl.Utf8, "reference_call_key": pl.Utf8,
+        "text": pl.Utf8, "reference": pl.Utf8, "status": pl.Utf8, "reason": pl.Utf8,
+        "metric": pl.Utf8, "parent_metric": pl.Float64,
+    },
+    # One row per evolve-loop iteration: which run sampled which prompt set.
+    "evolve_iterations": {
+        "evolve_id": pl.Utf8, "iteration": pl.Int64, "run_id": pl.Utf8, "prompts_path": pl.Utf8,
+        "prompts": pl.Int64, "evolved": pl.Int64, "selected": pl.Int64, "created_at": pl.Float64,
+    },
+    # Correctness of every generation of a verifiable prompt source (toa.verdicts).
+    "verdicts": {
+        "run_id": pl.Utf8, "method": pl.Utf8, "prompt_id": pl.Utf8, "sample_id": pl.Utf8,
+        "answer": pl.Utf8, "correct": pl.Boolean, "verifier": pl.Utf8,
     },
 }
 
@@ -219,6 +268,20 @@ def sample_row(sample: Sample, *, run_id: str, method: str, batch: str, prompt_i
 
 
 __all__ = [
-    "OK", "ERROR", "SKIPPED", "content_key", "Prompt", "SkippedRow", "Generation", "Score", "Sample",
-    "TreeNode", "MethodOutput", "CallRecord", "RewardRecord", "SCHEMAS", "frame", "sample_row",
+    "ERROR",
+    "OK",
+    "SCHEMAS",
+    "SKIPPED",
+    "CallRecord",
+    "Generation",
+    "MethodOutput",
+    "Prompt",
+    "RewardRecord",
+    "Sample",
+    "Score",
+    "SkippedRow",
+    "TreeNode",
+    "content_key",
+    "frame",
+    "sample_row",
 ]

@@ -26,13 +26,21 @@ from fsspec.implementations.local import LocalFileSystem
 
 from toa.rows import SCHEMAS, frame
 
+try:
+    import fcntl  # journal locks (POSIX); without it writers keep only the in-memory buffer
+except ImportError:  # pragma: no cover
+    fcntl = None
+
 SCHEMA_SHARD = "_schema.parquet"  # an empty shard per table so views work before any data
 
 
 class Store:
     def __init__(self, root_url: str, storage_options: dict[str, Any] | None = None):
         self.url = root_url
-        self.fs, self.root = fsspec.core.url_to_fs(root_url, **(storage_options or {}))
+        # credentials from a ResultsLocation block arrive as SecretStr (masked in config dumps)
+        options = {k: v.get_secret_value() if hasattr(v, "get_secret_value") else v
+                   for k, v in (storage_options or {}).items()}
+        self.fs, self.root = fsspec.core.url_to_fs(root_url, **options)
         self.root = self.root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
 
@@ -52,7 +60,11 @@ class Store:
         for table in SCHEMAS:
             target = self.path(table, SCHEMA_SHARD)
             if not self.fs.exists(target):
-                self.write_frame(frame(table, []), target)
+                try:
+                    self.write_frame(frame(table, []), target)
+                except OSError as exc:  # say which setting to fix, not only which file failed
+                    raise PermissionError(f"cannot write to results_root {self.url!r}: "
+                                          f"{type(exc).__name__}: {exc}") from exc
 
     # -- writing ---------------------------------------------------------------------------
     def write_frame(self, df: pl.DataFrame, target: str) -> str:
@@ -106,13 +118,22 @@ class Store:
                 frames.append(pl.read_parquet(fh))
         if not frames:
             return frame(table, [])
-        return pl.concat(frames, how="diagonal_relaxed").select(list(SCHEMAS[table]))
+        merged = pl.concat(frames, how="diagonal_relaxed")
+        schema = SCHEMAS[table]  # shards written before a column was added read it as null
+        missing = [pl.lit(None, dtype).alias(c) for c, dtype in schema.items() if c not in merged.columns]
+        return merged.with_columns(missing).select(list(schema))
 
 
 class ShardWriter:
-    """Buffers rows of one table and writes them as part files, so that a crash loses at most
-    the rows not yet flushed (bounded by `flush_rows` and `flush_s`). Thread-safe: the request
-    layer appends from the event loop, the flushing may happen from the task thread."""
+    """Buffers rows of one table and writes them as part files (every `flush_rows` rows or
+    `flush_s` seconds). Thread-safe: the request layer appends from the event loop, the
+    flushing may happen from the task thread.
+
+    On a local results root every row is also appended to a journal (`journal-<id>.jsonl`
+    beside the shards) the moment it arrives, so a kill loses no finished call, only those in
+    flight: the next writer of the partition turns the journals of dead writers into a shard
+    (rows already in a shard skipped) before the partition is read. A live writer holds an
+    flock on its journal, so it is never taken from under it."""
 
     def __init__(self, store: Store, table: str, *parts: str, flush_rows: int = 256, flush_s: float = 2.0):
         self.store, self.table, self.parts = store, table, parts
@@ -120,11 +141,17 @@ class ShardWriter:
         self._rows: list[Any] = []
         self._lock = threading.Lock()
         self._last = time.monotonic()
+        self._journal = None  # open file of the current journal (local stores), made on first row
         self.written = 0
+        self.journaled = store.local and fcntl is not None
+        if self.journaled:
+            self.recover()
 
     def append(self, row: Any) -> None:
         with self._lock:
             self._rows.append(row)
+            if self.journaled:
+                self._journal_line(row)
             due = len(self._rows) >= self.flush_rows or time.monotonic() - self._last >= self.flush_s
         if due:
             self.flush()
@@ -132,7 +159,66 @@ class ShardWriter:
     def flush(self) -> None:
         with self._lock:
             rows, self._rows = self._rows, []
+            journal, self._journal = self._journal, None  # later rows go to a fresh journal
             self._last = time.monotonic()
         if rows:
             self.store.write_rows(self.table, rows, *self.parts, f"part-{uuid.uuid4().hex}.parquet")
             self.written += len(rows)
+        if journal is not None:  # its rows are in a shard now (or it was empty)
+            Path(journal.name).unlink(missing_ok=True)
+            journal.close()
+
+    def _journal_line(self, row: Any) -> None:
+        import dataclasses
+
+        if self._journal is None:
+            path = Path(self.store.path(self.table, *self.parts, f"journal-{uuid.uuid4().hex}.jsonl"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._journal = open(path, "a", encoding="utf-8")
+            fcntl.flock(self._journal, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        data = dataclasses.asdict(row) if dataclasses.is_dataclass(row) else row
+        self._journal.write(json.dumps(data, default=str) + "\n")
+        self._journal.flush()  # in the kernel now: survives kill -9 (not a power cut)
+
+    def recover(self) -> int:
+        """Write the rows of dead writers' journals in this partition as one shard (those not in
+        a shard yet), then remove the journals; returns how many rows were recovered."""
+        base = Path(self.store.path(self.table, *self.parts))
+        if not base.is_dir():
+            return 0
+        # One recovery per partition at a time: a second writer (another method on the same
+        # batch) waits here, then reads the recovered shard, instead of taking the journal
+        # being recovered for a live one and making its calls again.
+        with open(base / "_recover.lock", "a") as gate:
+            fcntl.flock(gate, fcntl.LOCK_EX)
+            return self._recover(base)
+
+    def _recover(self, base: Path) -> int:
+        key = next(iter(SCHEMAS[self.table]))  # call_key / reward_key
+        rows, done = [], []
+        for path in sorted(base.glob("journal-*.jsonl")):
+            fh = open(path, encoding="utf-8")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # a live writer's journal
+                fh.close()
+                continue
+            for line in fh.read().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass  # the line being written when the process died
+            done.append((path, fh))
+        if rows:
+            # a row is identified by its key and creation time (an ok row may follow an error one)
+            ident = [key, "created_at"] if "created_at" in SCHEMAS[self.table] else [key]
+            stored = set(self.store.read(self.table, *self.parts).select(ident).iter_rows())
+            fresh = {tuple(r.get(c) for c in ident): r for r in rows}
+            fresh = {k: r for k, r in fresh.items() if k not in stored}
+            if fresh:
+                self.store.write_rows(self.table, list(fresh.values()), *self.parts, f"part-{uuid.uuid4().hex}.parquet")
+            rows = list(fresh.values())
+        for path, fh in done:
+            path.unlink(missing_ok=True)
+            fh.close()
+        return len(rows)

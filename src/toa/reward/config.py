@@ -100,10 +100,16 @@ class RewardConfig(BaseModel):
     max_concurrency: int = Field(
         16, ge=1, description="Operational. kind='judge' (and 'vllm' without a tokenizer): "
         "requests in flight per backend.")
+    block: str | None = Field(
+        None, description="Name of a toa RewardModel Prefect block that supplies the reward "
+        "fields (kind, model, server, key); fields set beside it win. Resolved by the flow "
+        "before the fingerprint is taken, so the fingerprint is the reward's, not the name's.")
 
     @model_validator(mode="after")
-    def _server_given(self) -> "RewardConfig":
+    def _server_given(self) -> RewardConfig:
         # a served kind without its server is a config error now, not a failure at run time
+        if self.block:  # the block supplies the server; checked again once it is resolved
+            return self
         if self.kind == "judge" and self.endpoint is None:
             raise ValueError("reward kind='judge' needs endpoint (an OpenAI-compatible server)")
         if self.kind == "vllm" and (self.endpoint is None) == (self.launch is None):
@@ -166,4 +172,4 @@ def build_service(cfg: RewardConfig, **kwargs) -> RewardService:
                          max_wait_s=cfg.max_wait_ms / 1000.0, retries=cfg.retries, **kwargs)
 
 
-__all__ = ["RewardConfig", "build_backend", "build_service", "RESULT_FIELDS"]
+__all__ = ["RESULT_FIELDS", "RewardConfig", "build_backend", "build_service"]

@@ -30,8 +30,9 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from toa.rows import ERROR, OK, Prompt, RewardRecord, Score, content_key
 
@@ -142,6 +143,12 @@ class RewardService:
         """Records computed by this service so far (ok and error), by reward key."""
         return dict(self._new)
 
+    def forget(self, keys: Iterable[str]) -> None:
+        """Drop computed records the caller no longer needs (they are in storage): keeps a
+        long run's memory flat in the number of prompts."""
+        for key in keys:
+            self._new.pop(key, None)
+
     # ---- enqueue ------------------------------------------------------------------------
     def _bind_loop(self) -> None:
         """Futures and timers belong to one event loop: a service may move to a new loop (a
@@ -199,7 +206,7 @@ class RewardService:
             scores, latency = await self._call_with_retries(batch)
             for item, score in zip(batch, scores):
                 self._finish(item, score, latency)
-        except BaseException as exc:  # noqa: BLE001  (cancellation or a bug: waiters must wake)
+        except BaseException as exc:
             for item in batch:
                 self._fail(item, exc)
             if not isinstance(exc, Exception):
@@ -270,4 +277,4 @@ def _checked(score: Score) -> Score:
     return Score(None, ERROR, score.error or "backend returned an error without a message")
 
 
-__all__ = ["RewardBackend", "RewardService", "reward_key", "response_sha", "cache_from_records"]
+__all__ = ["RewardBackend", "RewardService", "cache_from_records", "response_sha", "reward_key"]

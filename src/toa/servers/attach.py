@@ -23,7 +23,26 @@ def attach(alias: str, spec: AttachSpec) -> Endpoint:
     return Endpoint(alias=alias, base_url=base_url, model=spec.model,
                     api_key=resolve_api_key(alias, spec),
                     identity=f"attach:{base_url}:{spec.model}",
-                    supports_n=spec.supports_n, max_model_len=None)
+                    supports_n=spec.supports_n, max_model_len=None,
+                    supports_logprobs=spec.supports_logprobs)
+
+
+def probe(endpoint: Endpoint, timeout_s: float = 10.0) -> None:
+    """Fail before any work when the server cannot be reached or rejects the key, with a
+    message naming the agent and URL (never the key). Any other answer passes: a server that
+    does not implement GET /models is still usable for chat completions."""
+    import httpx
+
+    url = f"{endpoint.base_url}/models"
+    headers = {"Authorization": f"Bearer {endpoint.api_key.get_secret_value()}"}
+    try:
+        status = httpx.get(url, headers=headers, timeout=timeout_s).status_code
+    except httpx.TransportError as exc:
+        raise ConnectionError(f"server {endpoint.alias!r}: cannot reach {endpoint.base_url} "
+                              f"({type(exc).__name__}); is it running and is base_url right?") from None
+    if status in (401, 403):
+        raise PermissionError(f"server {endpoint.alias!r} at {endpoint.base_url} rejected the API key "
+                              f"(HTTP {status}); check api_key / api_key_env / api_key_block")
 
 
 def resolve_api_key(alias: str, spec: AttachSpec) -> SecretStr:
@@ -42,7 +61,9 @@ def resolve_api_key(alias: str, spec: AttachSpec) -> SecretStr:
 
 def _load_secret_block(alias: str, block: str) -> str:
     try:
-        from prefect.blocks.system import Secret  # lazy: only flows that name a block need it
+        from prefect.blocks.system import (
+            Secret,  # lazy: only flows that name a block need it
+        )
         value = Secret.load(block).get()
     except Exception as exc:  # noqa: BLE001 -- any failure to load; the block's value is never part of the message
         raise ValueError(f"server {alias!r}: cannot load Prefect Secret block {block!r} "

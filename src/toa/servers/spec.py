@@ -34,6 +34,7 @@ class Endpoint:
     identity: str  # stable name of the weights, for run fingerprints
     supports_n: bool = True
     max_model_len: int | None = None
+    supports_logprobs: bool = True  # ask for token logprobs (exact per-choice tokens, likelihoods)
 
 
 def cuda_available() -> bool:
@@ -160,6 +161,9 @@ class AttachSpec(BaseModel):
     )
     supports_n: bool = Field(
         True, description="Whether the server honours n>1 in one request (llama.cpp ignores it)."
+    )
+    supports_logprobs: bool = Field(
+        True, description="Whether to ask for token logprobs (some hosted reasoning models refuse them)."
     )
 
     def fingerprint(self) -> dict[str, str]:

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 NAMES = ("refine", "aggregate", "feedback", "preference")
+# Prompt-evolution templates (toa.evolve): hashed into the evolve stage's keys, not into the
+# sampling run id, so adding them leaves every existing run id unchanged.
+EVOLVE_NAMES = ("evolve_deepen", "evolve_constraints", "evolve_concretize", "evolve_reasoning", "evolve_breadth")
 _HEADER = "#:"
 
 
@@ -62,18 +65,18 @@ def _names(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(name: str) -> Template:
-    """The packaged template `name` (one of NAMES). Cached: files are read once per process."""
-    if name not in NAMES:
-        raise KeyError(f"unknown template {name!r}; known: {', '.join(NAMES)}")
+    """The packaged template `name` (one of NAMES or EVOLVE_NAMES). Cached: files are read once per process."""
+    if name not in NAMES + EVOLVE_NAMES:
+        raise KeyError(f"unknown template {name!r}; known: {', '.join(NAMES + EVOLVE_NAMES)}")
     content = resources.files(__package__).joinpath(f"{name}.txt").read_text(encoding="utf-8")
     return parse(name, content)
 
 
-def hashes() -> dict[str, str]:
-    """{template name: sha} for every packaged template, for the run record."""
-    return {name: load(name).sha for name in NAMES}
+def hashes(names: tuple[str, ...] = NAMES) -> dict[str, str]:
+    """{template name: sha} for the packaged sampling templates (or `names`), for the run record."""
+    return {name: load(name).sha for name in names}
 
 
-__all__ = ["NAMES", "Template", "hashes", "load", "parse"]
+__all__ = ["EVOLVE_NAMES", "NAMES", "Template", "hashes", "load", "parse"]

@@ -1,0 +1,92 @@
+"""The `toa-evolve` flow: EVA-style prompt evolution around the `toa` flow.
+
+    iteration 0: `toa` samples and scores the configured prompt set (a subflow)
+    iteration i = 1..k: evolve the prompts of iteration i-1 from its rewards (select the
+        informative ones, rewrite them, filter, mix with the old set: toa.evolve), then `toa`
+        samples and scores the new set
+
+Each iteration is an ordinary `toa` run (its own run_id, datasets and report), so everything a
+run records is there per iteration; `evolve_iterations` says which run sampled which prompt set
+and `evolutions` how every evolved prompt came from its parent. A rerun replays everything: the
+sampling runs have done markers, the evolve steps manifests, and every call is in the record.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from toa.flows.synthesize import resolve, toa
+from toa.tasks.evolve import evolve_step, record_iteration
+from toa.tasks.prompts import source_key
+from toa.tasks.servers import start_endpoints, stop_servers
+
+from toa import templates
+from toa.evolve import EvolveConfig, step_done
+from toa.evolve import evolve_id as make_evolve_id
+from toa.storage import Store
+
+
+def next_source(path: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """The prompt source of an evolved set (the JSONL toa.evolve writes): every field given, so
+    nothing of the first source (a preset, a limit, other field names) carries over."""
+    return {"path": path, "format": "jsonl", "text_field": "prompt", "id_field": "id",
+            "reference_field": "reference", "reference_fallback_field": None, "answer_format": "raw",
+            "preset": None, "limit": None, "on_bad_row": "fail", "storage_options": storage_options}
+
+
+@flow(name="toa-evolve", log_prints=True)
+def toa_evolve(
+    config_file: str | None = None,
+    iterations: int | None = None,
+    evolve: dict[str, Any] | None = None,
+    methods: list[str] | None = None,
+    n: int | None = None,
+    prompts_path: str | None = None,
+    limit: int | None = None,
+    results_root: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Sample -> reward -> evolve -> sample again, `iterations` times. `evolve` holds
+    toa.evolve.EvolveConfig fields (metric, fraction, evolutions, agent, evolved_share, ...);
+    the other parameters are the `toa` flow's."""
+    logger = get_run_logger()
+    base = {"methods": methods, "n": n, "prompts.path": prompts_path, "prompts.limit": limit,
+            "results_root": results_root, **(overrides or {})}
+    base = {k: v for k, v in base.items() if v is not None}
+    cfg = EvolveConfig(**{**(evolve or {}), **({"iterations": iterations} if iterations else {})})
+    run_cfg = resolve(config_file, base)
+    first = toa(config_file=config_file, overrides=base)
+    eid = make_evolve_id(first["run_id"], cfg)
+    store = Store(run_cfg.results_root, run_cfg.storage_options)
+    sampled = max((row["prompts"] for row in first["summary"]), default=0)
+    record_iteration(run_cfg, eid, 0, first["run_id"], run_cfg.prompts.path, {"prompts": sampled, "evolved": 0, "selected": 0})
+    runs, run_id, step = [first], first["run_id"], None
+    for i in range(1, cfg.iterations + 1):
+        step = _evolve(run_cfg, cfg, eid, i, run_id, store)
+        step_overrides = {**base, "prompts": next_source(step["path"], run_cfg.storage_options)}
+        result = toa(config_file=config_file, overrides=step_overrides)
+        run_cfg, run_id = resolve(config_file, step_overrides), result["run_id"]
+        record_iteration(run_cfg, eid, i, run_id, step["path"], step)
+        runs.append(result)
+        logger.info("evolve %s iteration %d: run %s on %d prompts (%d evolved)", eid, i, run_id,
+                    step["prompts"], step["evolved"])
+    return {"evolve_id": eid, "results_root": run_cfg.results_root, "run_ids": [r["run_id"] for r in runs],
+            "runs": runs, "templates": templates.hashes(templates.EVOLVE_NAMES)}
+
+
+def _evolve(run_cfg, cfg: EvolveConfig, eid: str, iteration: int, run_id: str, store: Store) -> dict[str, Any]:
+    """One evolve step; the evolving agent's server is started only when the step has work
+    left (a finished step reads its manifest)."""
+    prompt_source = source_key(run_cfg)
+    endpoints = None
+    if not step_done(store, eid, iteration, run_id):
+        alias = cfg.agent or run_cfg.agents[0].alias
+        agents = [a for a in run_cfg.agents if a.alias == alias]
+        if not agents:
+            raise ValueError(f"evolve agent {alias!r} is not one of the agents {[a.alias for a in run_cfg.agents]}")
+        endpoints = start_endpoints(agents, store.local_dir("logs"))
+    try:
+        return evolve_step(run_cfg, cfg, eid, iteration, run_id, prompt_source, endpoints)
+    finally:
+        stop_servers()

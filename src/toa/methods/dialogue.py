@@ -1,0 +1,489 @@
+"""Optima two-agent dialogue (Chen et al. 2024, "Optima: Optimizing Effectiveness and Efficiency
+for LLM-Based Multi-Agent System", arXiv 2410.08115), as a toa method named `optima`.
+
+Two speakers (the first two configured agents unless `speakers` names them; one agent may play
+both) talk about the prompt, taking turns; a round is one utterance by each.
+- mode "critic" (default): the first speaker solves, the second points out errors without
+  answering; only the solver's replies carry answers, and the critic never speaks last (a
+  critique nobody answers changes nothing).
+- mode "split": information-split. The prompt's sentences are split in two halves, one per
+  speaker; a trailing question sentence ("...?") is shown to both. Both speakers answer.
+
+A dialogue stops when two consecutive parsed answers (of answer-carrying utterances, parsed by
+toa.reward.math_verify.extract_answer) agree, at `max_rounds` (default 10), when its utterances
+reach `max_dialogue_tokens` (off by default), or when a generation fails. Every utterance is
+capped at `max_tokens` tokens (the utterance-length limit; default: the agent's own sampling).
+
+Budget (decision; keeps methods comparable in DIALOGUES, not generations): one prompt gets
+`branching` = [k0, k1, ...] alternatives at turns 0, 1, ...: a tree whose product(k) leaves are
+the dialogues. Default: n * len(agents) dialogues (the other methods' sample count), split as
+[a, b] with a the largest divisor <= sqrt(budget) (4 -> [2, 2], 6 -> [2, 3]; a prime budget
+branches at turn 0 only). The k alternatives of a turn are one request with n=k, so shared
+prefixes are generated once. Generations spent = sum over the tree's nodes: compare methods at
+equal tokens with the `reward_vs_tokens` view.
+
+Dialogue reward (`reward`):
+- "correctness": 1/0 from math_verify against prompt.reference for the final answer (the last
+  answer-carrying utterance); a prompt without a usable reference is an error row, never a 0.
+- "composite" (default, Optima's): correctness + lambda_tokens * tokens / T_max
+  + lambda_loss / max_loss, where tokens = the dialogue's completion tokens, T_max = the largest
+  over this prompt's dialogues, and max_loss = the worst (largest) per-utterance mean token loss
+  -mean_logprob. That loss is measured under the model that SPOKE the utterance (its sampling
+  logprobs), not under a model being trained as in Optima; it is floored at `loss_floor`.
+  Defaults lambda_tokens = -0.5 (shorter is better), lambda_loss = 0.8. Needs logprobs from the
+  servers: every utterance is requested with logprobs=True (whatever `reward` is, so that
+  switching it replays the same dialogues); without them the dialogue's reward is an error row.
+- "reward_model": the run's reward model scores the final answer against the original prompt.
+
+Provenance: every utterance is a Sample (agent = speaker, action "<role>_r<round>" with roles
+solver/critic or a/b, parent_id = the previous utterance, depth = turn, order = depth-first
+position). The dialogue reward sits on each dialogue's last utterance; earlier utterances carry
+a "skipped" score (their value, the mean reward of the dialogues below them, is on their tree
+node). TreeNodes: a root plus one "response" node per utterance. One `dialogues` row per
+dialogue (stop reason, final answer, reward parts, the utterance ids root to leaf).
+
+Datasets (`datasets`, used by tasks/datasets.py instead of best-vs-ranked): SFT = the best
+dialogue per prompt, one chat example per speaker (its view: its instructions, the partner's
+utterances as user turns, its own as assistant turns, ending on its last own turn). DPO = at
+every branch point, the best child vs the worst child by subtree mean reward when the gap is at
+least `dpo_margin` (default 0.1): prompt = the speaker's view before that turn (`prompt` flat,
+`prompt_messages` as chat JSON), chosen / rejected = the two utterances.
+
+Decisions: branches run concurrently; node order and ids come from a depth-first walk in
+generation order afterwards, so they do not depend on timing. A failed utterance ends its
+dialogue with an error score (errors are rows). Empty utterances are sent as "(no reply)".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any, ClassVar
+
+import polars as pl
+
+from toa.methods.base import MethodContext, register
+from toa.reward.math_verify import extract_answer, same_number, score_one
+from toa.rows import (
+    ERROR,
+    OK,
+    SCHEMAS,
+    SKIPPED,
+    Generation,
+    MethodOutput,
+    Prompt,
+    Sample,
+    Score,
+    TreeNode,
+)
+from toa.templates import Template, parse
+
+MODES = ("critic", "split")
+REWARDS = ("correctness", "composite", "reward_model")
+TEMPLATES = ("optima_solver", "optima_critic", "optima_split")
+ROLES = {"critic": ("solver", "critic"), "split": ("a", "b")}
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+NO_REPLY = "(no reply)"
+
+
+@cache
+def template(name: str) -> Template:
+    """One of this method's packaged templates (kept out of templates.NAMES so that adding them
+    leaves other methods' run ids unchanged; their hashes enter the run id via `fingerprint`)."""
+    if name not in TEMPLATES:
+        raise KeyError(f"unknown optima template {name!r}; known: {', '.join(TEMPLATES)}")
+    return parse(name, resources.files("toa.templates").joinpath(f"{name}.txt").read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------ options
+@dataclass(frozen=True)
+class OptimaOptions:
+    mode: str = "critic"
+    max_rounds: int = 10
+    max_tokens: int | None = None  # per-utterance cap (sampling override, part of the cache key)
+    max_dialogue_tokens: int | None = None
+    branching: tuple[int, ...] | None = None  # None: n * agents dialogues split in two levels
+    speakers: tuple[str, ...] | None = None
+    reward: str = "composite"
+    lambda_tokens: float = -0.5
+    lambda_loss: float = 0.8
+    loss_floor: float = 1e-3
+    dpo_margin: float = 0.1
+
+    def __post_init__(self):
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.reward not in REWARDS:
+            problems.append(f"reward must be one of {REWARDS}, got {self.reward!r}")
+        if self.max_rounds < 1:
+            problems.append(f"max_rounds must be >= 1, got {self.max_rounds}")
+        for name in ("max_tokens", "max_dialogue_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 or null, got {getattr(self, name)}")
+        if self.branching is not None and (not self.branching or any(int(k) < 1 for k in self.branching)):
+            problems.append(f"branching must be a non-empty list of counts >= 1, got {list(self.branching)}")
+        elif self.branching is not None and self.mode in MODES and len(self.branching) > self.max_turns:
+            problems.append(f"branching has {len(self.branching)} levels but a dialogue has at most "
+                            f"{self.max_turns} turns (max_rounds {self.max_rounds}, mode {self.mode})")
+        if self.speakers is not None and len(self.speakers) != 2:
+            problems.append(f"speakers must name exactly two agents (may repeat one), got {list(self.speakers)}")
+        if self.loss_floor <= 0 or self.dpo_margin < 0:
+            problems.append("loss_floor must be > 0 and dpo_margin >= 0")
+        if problems:
+            raise ValueError("optima options: " + "; ".join(problems))
+
+    @property
+    def max_turns(self) -> int:
+        # critic mode: the critic does not speak in the last round
+        return 2 * self.max_rounds - (1 if self.mode == "critic" else 0)
+
+
+def default_branching(budget: int) -> tuple[int, ...]:
+    a = max(d for d in range(1, math.isqrt(budget) + 1) if budget % d == 0)
+    return (budget,) if a == 1 else (a, budget // a)
+
+
+# ------------------------------------------------------------------------------ who sees what
+def split_context(text: str) -> tuple[str, str, str]:
+    """(question, first half, second half) of a prompt for the information-split mode."""
+    sentences = [s for s in _SENTENCE.split(text.strip()) if s]
+    question = ""
+    if len(sentences) >= 2 and sentences[-1].rstrip().endswith("?"):
+        question = sentences.pop()
+    half = math.ceil(len(sentences) / 2)
+    return question, " ".join(sentences[:half]), " ".join(sentences[half:])
+
+
+def intro(prompt_text: str, mode: str, speaker: int) -> str:
+    """The first user message of `speaker` (0 or 1): its role's instructions and what it sees."""
+    if mode == "critic":
+        return template(("optima_solver", "optima_critic")[speaker]).render(question=prompt_text)
+    question, first, second = split_context(prompt_text)
+    info = (first, second)[speaker] or "(you have no extra information)"
+    return template("optima_split").render(question=question or "Answer the task described by the combined information.",
+                                           info=info)
+
+
+def view(prompt_text: str, mode: str, speaker: int, turns: list[tuple[int, str]]) -> list[dict[str, str]]:
+    """`speaker`'s chat messages given the dialogue so far [(speaker, text), ...]: own turns as
+    assistant, the partner's as user; roles strictly alternate (the partner's first utterance
+    is appended to the intro message when the partner spoke first)."""
+    messages = [{"role": "user", "content": intro(prompt_text, mode, speaker)}]
+    for who, text in turns:
+        role = "assistant" if who == speaker else "user"
+        text = text or NO_REPLY
+        if role == "user" and messages[-1]["role"] == "user":
+            messages[-1] = {"role": "user", "content": messages[-1]["content"] + "\n\n" + text}
+        else:
+            messages.append({"role": role, "content": text})
+    return messages
+
+
+# ------------------------------------------------------------------------------ the tree
+@dataclass
+class Turn:
+    gen: Generation
+    speaker: int
+    depth: int
+    parent: Turn | None
+    answer: float | None  # parsed answer, answer-carrying utterances only
+    children: list[Turn] = field(default_factory=list)
+    stop: str | None = None  # why the dialogue ended here (leaves only)
+
+    def path(self) -> list[Turn]:
+        node, out = self, []
+        while node is not None:
+            out.append(node)
+            node = node.parent
+        return out[::-1]
+
+
+@dataclass
+class Dialogue:
+    leaf: Turn
+    score: Score
+    correct: float | None = None
+    tokens: int = 0
+    max_loss: float | None = None
+    final_answer: float | None = None
+
+
+@register
+class Optima:
+    """Two agents in dialogue (solver/critic or information-split), branched into a tree."""
+
+    name: ClassVar[str] = "optima"
+
+    def __init__(self, **options: Any):
+        if "branching" in options and options["branching"] is not None:
+            options["branching"] = tuple(int(k) for k in options["branching"])
+        if "speakers" in options and options["speakers"] is not None:
+            options["speakers"] = tuple(options["speakers"])
+        try:
+            self.opt = OptimaOptions(**options)
+        except TypeError as exc:  # an unknown option name
+            raise ValueError(f"optima options: {exc}; known: {', '.join(OptimaOptions.__dataclass_fields__)}") from None
+
+    def fingerprint(self) -> dict[str, str]:
+        """What beyond the config changes this method's results: its template files."""
+        return {name: template(name).sha for name in TEMPLATES}
+
+    # -------------------------------------------------------------------- sampling
+    async def run(self, ctx: MethodContext) -> MethodOutput:
+        speakers = self._speakers(ctx)
+        branching = self.opt.branching or default_branching(ctx.budget)
+        # logprobs always (every reward kind records max_loss, and switching `reward` then
+        # replays the same dialogues from the record); on vLLM CPU they cost 2-4 % throughput
+        sampling = {"logprobs": True, **({"max_tokens": self.opt.max_tokens} if self.opt.max_tokens else {})}
+        roots = await self._grow(ctx, speakers, branching, sampling, None)
+        turns = [t for r in roots for t in _walk(r)]  # depth-first, generation order
+        dialogues = await self._score(ctx, [t for t in turns if t.stop is not None])
+        return self._output(ctx, speakers, turns, dialogues)
+
+    def _speakers(self, ctx: MethodContext) -> tuple[str, str]:
+        names = self.opt.speakers or (ctx.agents[0], ctx.agents[1 if len(ctx.agents) > 1 else 0])
+        unknown = [a for a in names if a not in ctx.agents]
+        if unknown:
+            raise ValueError(f"optima speakers {unknown} are not configured agents {list(ctx.agents)}")
+        return names[0], names[1]
+
+    async def _grow(self, ctx, speakers, branching, sampling, parent: Turn | None) -> list[Turn]:
+        """Generate the next turn after `parent` (k alternatives at a branching turn) and
+        continue each alternative until its dialogue stops; returns the new children."""
+        depth = 0 if parent is None else parent.depth + 1
+        speaker = depth % 2
+        history = [(t.speaker, t.gen.text or "") for t in parent.path()] if parent else []
+        k = branching[depth] if depth < len(branching) else 1
+        messages = view(ctx.prompt.text, self.opt.mode, speaker, history)
+        gens = await ctx.generate(speakers[speaker], messages, k, **sampling)
+        children = [Turn(g, speaker, depth, parent, self._answer(g, speaker)) for g in gens]
+        for child in children:
+            child.stop = self._stop(child)
+        await asyncio.gather(*(self._grow(ctx, speakers, branching, sampling, c) for c in children if c.stop is None))
+        if parent is not None:
+            parent.children = children
+        return children
+
+    def _answer(self, gen: Generation, speaker: int) -> float | None:
+        carries = self.opt.mode == "split" or speaker == 0  # the critic gives no answers
+        return extract_answer(gen.text) if carries and gen.ok and gen.text else None
+
+    def _stop(self, turn: Turn) -> str | None:
+        if not turn.gen.ok:
+            return "error"
+        path = turn.path()
+        answers = [t.answer for t in path if self.opt.mode == "split" or t.speaker == 0]
+        if len(answers) >= 2 and answers[-1] is not None and answers[-2] is not None \
+                and same_number(answers[-1], answers[-2]) and turn.answer is not None:
+            return "agree"
+        if turn.depth + 1 >= self.opt.max_turns:
+            return "max_rounds"
+        if self.opt.max_dialogue_tokens and sum(t.gen.completion_tokens for t in path) >= self.opt.max_dialogue_tokens:
+            return "max_dialogue_tokens"
+        return None
+
+    # -------------------------------------------------------------------- rewards
+    async def _score(self, ctx: MethodContext, leaves: list[Turn]) -> list[Dialogue]:
+        dialogues = [self._measure(ctx.prompt, leaf) for leaf in leaves]
+        live = [d for d in dialogues if d.leaf.gen.ok]
+        if self.opt.reward == "reward_model" and live:
+            scores = await ctx.reward([_final_text(d.leaf) or "" for d in live])
+            for d, s in zip(live, scores):
+                d.score = s
+        elif self.opt.reward == "composite":
+            t_max = max((d.tokens for d in live), default=0)
+            for d in live:
+                d.score = self._composite(d, t_max)
+        return dialogues
+
+    def _measure(self, prompt: Prompt, leaf: Turn) -> Dialogue:
+        path = leaf.path()
+        if not leaf.gen.ok:
+            return Dialogue(leaf, Score(None, ERROR, f"dialogue failed at turn {leaf.depth}: {leaf.gen.error}"))
+        final = _final_text(leaf)
+        correct = score_one(prompt, final or "")
+        losses = [-t.gen.mean_logprob if t.gen.mean_logprob is not None else None for t in path]
+        d = Dialogue(leaf, correct, correct.value, sum(t.gen.completion_tokens for t in path),
+                     None if None in losses else max(losses),
+                     next((t.answer for t in reversed(path) if t.answer is not None), None))
+        return d
+
+    def _composite(self, d: Dialogue, t_max: int) -> Score:
+        if d.correct is None:
+            return Score(None, ERROR, f"composite reward needs correctness: {d.score.error}")
+        if d.max_loss is None:
+            return Score(None, ERROR, "composite reward needs token logprobs and the server returned none "
+                                      "(is the endpoint's supports_logprobs off? else use reward = 'correctness')")
+        tokens = d.tokens / t_max if t_max else 0.0
+        value = d.correct + self.opt.lambda_tokens * tokens + self.opt.lambda_loss / max(d.max_loss, self.opt.loss_floor)
+        return Score(value)
+
+    # -------------------------------------------------------------------- rows
+    def _output(self, ctx, speakers, turns: list[Turn], dialogues: list[Dialogue]) -> MethodOutput:
+        roles = ROLES[self.opt.mode]
+        by_leaf = {id(d.leaf): d for d in dialogues}
+        below = _leaf_rewards(turns, by_leaf)
+        samples, nodes = [], [TreeNode("n0", None, "root", None, 0, len(dialogues), *_mean(
+            [d.score.value for d in dialogues if d.score.ok]), None, 0)]
+        node_id = {}
+        for i, t in enumerate(turns):
+            d = by_leaf.get(id(t))
+            score = d.score if d else Score(None, SKIPPED, "intermediate utterance: the dialogue reward is on its last utterance")
+            samples.append(Sample(t.gen, score, f"{roles[t.speaker]}_r{t.depth // 2 + 1}",
+                                  t.parent.gen.sample_id if t.parent else None, t.depth, i))
+            node_id[id(t)] = f"n{i + 1}"
+            values = below[id(t)]
+            nodes.append(TreeNode(f"n{i + 1}", node_id[id(t.parent)] if t.parent else "n0", "response", t.gen.agent,
+                                  t.depth + 1, len(values[1]), *_mean(values[0]), t.gen.sample_id, i + 1))
+        rows = [self._dialogue_row(d, speakers) for d in dialogues]
+        return MethodOutput(samples, nodes, tables={"dialogues": rows})
+
+    def _dialogue_row(self, d: Dialogue, speakers) -> dict[str, Any]:
+        path = d.leaf.path()
+        return {
+            "dialogue_id": d.leaf.gen.sample_id, "mode": self.opt.mode, "speakers": json.dumps(list(speakers)),
+            "turns": len(path), "stop_reason": d.leaf.stop,
+            "final_answer": None if d.final_answer is None else repr(d.final_answer),
+            "correct": d.correct, "tokens": d.tokens, "max_loss": d.max_loss, "reward_kind": self.opt.reward,
+            "reward": d.score.value, "reward_status": d.score.status, "reward_error": d.score.error,
+            "utterance_ids": json.dumps([t.gen.sample_id for t in path]),
+        }
+
+    # -------------------------------------------------------------------- datasets
+    def datasets(self, samples: pl.DataFrame, prompts: pl.DataFrame,
+                 read: Callable[[str], pl.DataFrame]) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """SFT (best dialogue, one example per speaker) and DPO (branch-point pairs) rows for
+        this method's stored samples; `read(table)` gives its other tables (dialogues)."""
+        return build_dialogue_datasets(samples, prompts, read("dialogues"), self.opt.dpo_margin)
+
+
+def _walk(turn: Turn):
+    yield turn
+    for c in turn.children:
+        yield from _walk(c)
+
+
+def _final_text(leaf: Turn) -> str | None:
+    """The last answer-carrying utterance of the dialogue (the dialogue's final answer)."""
+    for t in reversed(leaf.path()):
+        if t.answer is not None:
+            return t.gen.text
+    return next((t.gen.text for t in reversed(leaf.path()) if t.speaker == 0 and t.gen.ok), None)
+
+
+def _leaf_rewards(turns: list[Turn], by_leaf: dict[int, Dialogue]) -> dict[int, tuple[list[float], list[int]]]:
+    """Per node: (ok rewards of the dialogues below it, ids of those dialogues)."""
+    out: dict[int, tuple[list[float], list[int]]] = {id(t): ([], []) for t in turns}
+    for key, d in by_leaf.items():
+        for t in d.leaf.path():
+            out[id(t)][1].append(key)
+            if d.score.ok:
+                out[id(t)][0].append(d.score.value)
+    return out
+
+
+def _mean(values: list[float]) -> tuple[float | None, int]:
+    return (sum(values) / len(values) if values else None), len(values)
+
+
+# ------------------------------------------------------------------------------ datasets
+def build_dialogue_datasets(samples: pl.DataFrame, prompts: pl.DataFrame, dialogues: pl.DataFrame,
+                            margin: float) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """SFT and DPO rows (sft / dpo schemas) from stored samples and dialogues of one method."""
+    texts = dict(zip(prompts["prompt_id"], prompts["text"]))
+    utter = {r["sample_id"]: r for r in samples.iter_rows(named=True)}
+    sft, dpo = [], []
+    for (run_id, method, prompt_id), group in dialogues.group_by(["run_id", "method", "prompt_id"], maintain_order=True):
+        if prompt_id not in texts:
+            continue
+        found = [r for r in group.iter_rows(named=True) if all(u in utter for u in json.loads(r["utterance_ids"]))]
+        keys = {"run_id": run_id, "method": method, "prompt_id": prompt_id}
+        sft += _sft_rows(keys, texts[prompt_id], found, utter)
+        dpo += _dpo_rows(keys, texts[prompt_id], found, utter, margin)
+    return _frame("sft", sft), _frame("dpo", dpo)
+
+
+def _frame(table: str, rows: list[dict]) -> pl.DataFrame:
+    schema = SCHEMAS[table]
+    return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema, orient="row") if rows \
+        else pl.DataFrame(schema=schema)
+
+
+def _turns(ids: list[str], utter: dict) -> list[tuple[int, str]]:
+    return [(u["depth"] % 2, utter[u_id]["text"] or "") for u_id in ids for u in [utter[u_id]]]
+
+
+def _sft_rows(keys, prompt_text, dialogues: list[dict], utter) -> list[dict]:
+    scored = [d for d in dialogues if d["reward_status"] == OK and d["reward"] is not None]
+    if not scored:
+        return []
+    best = max(scored, key=lambda d: d["reward"])  # max keeps the first of equal rewards
+    ids = json.loads(best["utterance_ids"])
+    turns = _turns(ids, utter)
+    rows = []
+    for speaker in sorted({s for s, _ in turns}):
+        messages = view(prompt_text, best["mode"], speaker, turns)
+        while messages[-1]["role"] != "assistant":
+            messages.pop()
+        first = next(utter[i] for i in ids if utter[i]["depth"] % 2 == speaker)
+        rows.append({**keys, "prompt": messages[0]["content"], "response": _flat(messages[1:]),
+                     "agent": first["agent"], "action": first["action"].split("_r")[0], "reward": best["reward"],
+                     "sample_id": best["dialogue_id"], "n_samples": len(scored),
+                     "messages": json.dumps(messages, ensure_ascii=False)})
+    return rows
+
+
+def _dpo_rows(keys, prompt_text, dialogues: list[dict], utter, margin: float) -> list[dict]:
+    """At every node with several children: best vs worst child by the mean reward of the
+    dialogues below each, when the gap is at least `margin` and the texts differ."""
+    values: dict[str, list[float]] = {}
+    children: dict[str | None, list[str]] = {}
+    for d in dialogues:
+        ids = json.loads(d["utterance_ids"])
+        for i, u in enumerate(ids):
+            if u not in children.setdefault(ids[i - 1] if i else None, []):
+                children[ids[i - 1] if i else None].append(u)
+            if d["reward_status"] == OK and d["reward"] is not None:
+                values.setdefault(u, []).append(d["reward"])
+    rows = []
+    for parent, kids in children.items():
+        ranked = sorted((k for k in kids if k in values), key=lambda k: -sum(values[k]) / len(values[k]))
+        if len(ranked) < 2:
+            continue
+        hi, lo = ranked[0], ranked[-1]
+        v_hi, v_lo = (sum(values[k]) / len(values[k]) for k in (hi, lo))
+        if v_hi - v_lo < margin or v_hi <= v_lo or utter[hi]["text"] == utter[lo]["text"]:
+            continue
+        history = _turns(_ancestry(parent, utter), utter)
+        context = view(prompt_text, _mode(dialogues), utter[hi]["depth"] % 2, history)
+        rows.append({**keys, "prompt": _flat(context), "chosen": utter[hi]["text"], "rejected": utter[lo]["text"],
+                     "chosen_agent": utter[hi]["agent"], "rejected_agent": utter[lo]["agent"],
+                     "chosen_reward": v_hi, "rejected_reward": v_lo, "rejected_rank": len(ranked),
+                     "chosen_id": hi, "rejected_id": lo, "prompt_messages": json.dumps(context, ensure_ascii=False)})
+    return rows
+
+
+def _ancestry(node: str | None, utter) -> list[str]:
+    out = []
+    while node is not None:
+        out.append(node)
+        node = utter[node]["parent_id"]
+    return out[::-1]
+
+
+def _mode(dialogues: list[dict]) -> str:
+    return dialogues[0]["mode"]
+
+
+def _flat(messages: list[dict[str, str]]) -> str:
+    """A chat as plain text (single user message: its content unchanged)."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)

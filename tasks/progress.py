@@ -1,0 +1,218 @@
+"""Run progress: prompts done / total and an ETA, as a Prefect progress artifact, one Prefect
+event per finished (method, batch), and in-process listeners (the `toa run` progress bar).
+
+Progress counts prompts per method: a run of 2 methods over 16 prompts has 32 to do. A batch
+counts when its task finishes; while it runs, the engine reports each prompt it finishes
+(toa.engine.PROMPT_HOOKS), which moves in-process listeners finer than a batch (the artifact
+and events stay per batch, to keep API traffic small). A retried batch starts its count over.
+The ETA extrapolates from the prompts worked in this run; batches skipped because an earlier
+run finished them complete at once and would make the rate look absurd, so they don't count.
+
+The pure parts (Tracker, eta_seconds, format_eta, describe) are plain Python, unit tested;
+RunProgress adds the Prefect calls and is driven by the flow as futures complete.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from toa import engine
+
+Unit = tuple[str, str]  # (method, batch key)
+
+
+def eta_seconds(elapsed_s: float, done: int, total: int, skipped: int = 0) -> float | None:
+    """Seconds left at the rate of the prompts worked so far (skipped prompts cost nothing and
+    don't count toward the rate); 0 when done, None when there is no rate yet."""
+    if done >= total:
+        return 0.0
+    worked = done - skipped
+    if worked <= 0 or elapsed_s <= 0:
+        return None
+    return (total - done) * elapsed_s / worked
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s}s"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    done: int  # prompts finished: whole batches plus prompts of running batches
+    total: int
+    batches_done: int
+    batches_total: int
+    failed_batches: int
+    eta_s: float | None
+
+    @property
+    def percent(self) -> float:
+        return 100.0 if self.total == 0 else 100.0 * self.done / self.total
+
+
+def describe(run_id: str, snap: Snapshot) -> str:
+    """The progress artifact's Markdown description."""
+    text = (f"toa run `{run_id}`: **{snap.done} / {snap.total} prompts** ({snap.percent:.0f}%), "
+            f"{snap.batches_done} of {snap.batches_total} batches, ETA {format_eta(snap.eta_s)}")
+    if snap.failed_batches:
+        text += f", **{snap.failed_batches} failed** (their prompts are not counted as done)"
+    return text
+
+
+class Tracker:
+    """Thread-safe counts of one run: the flow thread finishes batches, the engine loop
+    thread reports prompts of running ones."""
+
+    def __init__(self, sizes: dict[Unit, int], clock: Callable[[], float] = time.monotonic):
+        self.sizes, self.clock = dict(sizes), clock
+        self.started = clock()
+        self.partial: dict[Unit, int] = {}  # prompts done by the running attempt of a batch
+        self.finished: dict[Unit, int] = {}  # prompts of finished batches
+        self.skipped = 0  # prompts of batches an earlier run had finished
+        self.failed: set[Unit] = set()
+        self.lock = threading.Lock()
+
+    def prompt_done(self, unit: Unit, done_in_attempt: int) -> bool:
+        """A running batch's attempt has finished this many prompts (0: it (re)started)."""
+        with self.lock:
+            if unit not in self.sizes or unit in self.finished:
+                return False
+            self.partial[unit] = min(done_in_attempt, self.sizes[unit])
+            return True
+
+    def finish(self, unit: Unit, prompts: int, skipped: bool = False, failed: bool = False) -> None:
+        with self.lock:
+            self.partial.pop(unit, None)
+            if failed:
+                self.failed.add(unit)
+                return
+            self.finished[unit] = prompts
+            self.skipped += prompts if skipped else 0
+
+    def snapshot(self) -> Snapshot:
+        with self.lock:
+            done = sum(self.finished.values()) + sum(self.partial.values())
+            total = sum(self.sizes.values())
+            eta = eta_seconds(self.clock() - self.started, done, total, self.skipped)
+            if self.failed and eta == 0.0:
+                eta = None
+            return Snapshot(done, total, len(self.finished) + len(self.failed), len(self.sizes), len(self.failed), eta)
+
+
+# In-process listeners (e.g. the CLI bar) and the trackers of runs going on in this process.
+_LISTENERS: list[Callable[[Snapshot], None]] = []
+_TRACKERS: list[Tracker] = []
+_LOCK = threading.Lock()
+_NOTIFY_LOCK = threading.Lock()
+
+
+@contextmanager
+def listen(listener: Callable[[Snapshot], None]) -> Iterator[None]:
+    """Call `listener(snapshot)` on every progress change of runs in this process (from the
+    flow thread or the engine thread: keep it cheap and thread-safe)."""
+    with _LOCK:
+        _LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _LISTENERS.remove(listener)
+
+
+def _notify(tracker: Tracker) -> None:
+    with _NOTIFY_LOCK:  # snapshot and delivery together: listeners see counts in order
+        snap = tracker.snapshot()
+        for listener in _LISTENERS:
+            try:
+                listener(snap)
+            except Exception:  # a display must never fail the run
+                pass
+
+
+def _on_prompt(method: str, batch: str, done_in_attempt: int) -> None:
+    for tracker in _TRACKERS:
+        if tracker.prompt_done((method, batch), done_in_attempt):
+            _notify(tracker)
+
+
+if _on_prompt not in engine.PROMPT_HOOKS:
+    engine.PROMPT_HOOKS.append(_on_prompt)
+
+
+class RunProgress:
+    """The flow's view: a progress artifact `toa-progress-<run_id>` updated as batches finish,
+    an event `toa.batch.completed` / `toa.batch.failed` per batch, and the in-process listeners."""
+
+    def __init__(self, run_id: str, units: list[tuple[str, Any]]):
+        self.run_id = run_id
+        self.tracker = Tracker({(m, b.key): b.size for m, b in units})
+        with _LOCK:
+            _TRACKERS.append(self.tracker)
+        self.artifact_id = _create_artifact(run_id, self.tracker.snapshot())
+        _notify(self.tracker)
+
+    def finished(self, method: str, batch: str, stats: Any | None, error: str | None = None) -> Snapshot:
+        """Record a finished batch: `stats` (toa.engine.BatchStats) when it completed, else the error."""
+        unit = (method, batch)
+        if stats is not None:
+            self.tracker.finish(unit, stats.prompts, skipped=stats.skipped)
+        else:
+            self.tracker.finish(unit, 0, failed=True)
+        snap = self.tracker.snapshot()
+        _update_artifact(self.artifact_id, self.run_id, snap)
+        _emit_batch_event(self.run_id, method, batch, stats, error, snap)
+        _notify(self.tracker)
+        return snap
+
+    def close(self) -> None:
+        with _LOCK:
+            if self.tracker in _TRACKERS:
+                _TRACKERS.remove(self.tracker)
+
+
+def _create_artifact(run_id: str, snap: Snapshot):
+    from prefect.artifacts import create_progress_artifact
+
+    return create_progress_artifact(snap.percent, key=f"toa-progress-{run_id}", description=describe(run_id, snap))
+
+
+def _update_artifact(artifact_id, run_id: str, snap: Snapshot) -> None:
+    from prefect.artifacts import update_progress_artifact
+
+    update_progress_artifact(artifact_id, snap.percent, description=describe(run_id, snap))
+
+
+def batch_resource(run_id: str, method: str, batch: str) -> dict[str, str]:
+    return {"prefect.resource.id": f"toa.batch.{run_id}.{method}.{batch}",
+            "prefect.resource.name": f"{method}/{batch}",
+            "toa.run_id": run_id, "toa.method": method, "toa.batch": batch}
+
+
+def _emit_batch_event(run_id: str, method: str, batch: str, stats: Any | None, error: str | None, snap: Snapshot) -> None:
+    from prefect.context import FlowRunContext
+    from prefect.events import emit_event
+
+    payload: dict[str, Any] = {"run": {"prompts_done": snap.done, "prompts_total": snap.total,
+                                       "batches_done": snap.batches_done, "batches_total": snap.batches_total,
+                                       "eta_s": snap.eta_s}}
+    if stats is not None:
+        payload["batch"] = asdict(stats)
+    if error is not None:
+        payload["error"] = error[:2000]
+    ctx = FlowRunContext.get()
+    related = ([{"prefect.resource.id": f"prefect.flow-run.{ctx.flow_run.id}", "prefect.resource.role": "flow-run"}]
+               if ctx is not None and ctx.flow_run is not None else None)
+    emit_event(event=f"toa.batch.{'failed' if stats is None else 'completed'}",
+               resource=batch_resource(run_id, method, batch), related=related, payload=payload)

@@ -91,3 +91,24 @@ def test_rerun_makes_zero_model_calls(optima_run):
     (row,) = second["summary"]
     assert row["new_calls"] == 0 and row["replayed"] == first["summary"][0]["generations"]
     assert second["datasets"] == first["datasets"]
+
+
+def test_information_split_mode_each_speaker_sees_its_half(prefect_api, embedded_servers, tmp_path):
+    from toa.flows.synthesize import toa
+
+    prompts = tmp_path / "gsm.jsonl"
+    prompts.write_text(json.dumps(PROMPTS[0]) + "\n")  # "A baker makes 12 muffins. He sells 5 of them. How many ...?"
+    result = toa(results_root=str(tmp_path / "results"), n=1, methods=["optima"], prompts_path=str(prompts), overrides={
+        "agents": attached_agents(embedded_servers), "reward.kind": "math",
+        "prompts.text_field": "question", "prompts.id_field": "id", "prompts.reference_field": "answer",
+        "method_options": {"optima": {"mode": "split", "max_rounds": 2}},
+    })
+    (row,) = result["summary"]
+    assert row["generation_errors"] == 0 and row["new_calls"] > 0
+    store = Store(str(tmp_path / "results"))
+    samples = query(store, "select agent, action from samples where run_id = ?", [result["run_id"]])
+    assert set(samples["action"].str.slice(0, 3)) <= {"a_r", "b_r"} and set(samples["agent"]) == {"smollm2", "gemma3"}
+    for call in query(store, "select agent, request_json from calls").iter_rows(named=True):
+        seen = json.loads(call["request_json"])["messages"][0]["content"]
+        mine, other = ("makes 12 muffins", "sells 5 of them") if call["agent"] == "smollm2" else ("sells 5 of them", "makes 12 muffins")
+        assert mine in seen and other not in seen, (call["agent"], seen)

@@ -15,18 +15,10 @@ from pathlib import Path
 
 import pytest
 from conftest import prefect_at
-from pydantic import SecretStr
 
 from toa.db import query
-from toa.servers import Endpoint, LaunchSpec, ServerHandle
-from toa.servers.vllm import (
-    build_command,
-    build_env,
-    default_python,
-    free_port,
-    resolve_model_dir,
-    wait_ready,
-)
+from toa.servers import LaunchSpec, ServerHandle, start_vllm
+from toa.servers.vllm import free_port
 from toa.storage import Store
 
 pytestmark = pytest.mark.integration
@@ -36,25 +28,8 @@ TOTAL = N_PROMPTS * N  # random, one agent: n samples per prompt, one call each
 
 
 def start_server(port: int, key: str, log_dir: Path) -> ServerHandle:
-    """SmolLM2 on a fixed port and key, so a restarted server is the 'same' endpoint
-    (start_vllm picks a fresh port and key per launch)."""
-    spec = LaunchSpec(model="embedded:smollm2-135m-instruct")
-    device = spec.resolved_device()
-    cmd = build_command(spec, model_dir=resolve_model_dir(spec.model), served_name="flaky", port=port,
-                        python=default_python(device), device=device, chat_template_path=None)
-    log_path = log_dir / "flaky.vllm.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=build_env(spec, device, key), start_new_session=True)
-    endpoint = Endpoint(alias="flaky", base_url=f"http://127.0.0.1:{port}/v1", model="flaky",
-                        api_key=SecretStr(key), identity="flaky")
-    handle = ServerHandle(endpoint=endpoint, log_path=log_path, process=proc)
-    try:
-        wait_ready(handle, spec.startup_timeout_s)
-    except BaseException:
-        handle.stop()
-        raise
-    return handle
+    """SmolLM2 on a fixed port and key, so a restarted server is the 'same' endpoint."""
+    return start_vllm("flaky", LaunchSpec(model="embedded:smollm2-135m-instruct"), log_dir, port=port, api_key=key)
 
 
 def attempts(root: Path) -> dict[str, int]:

@@ -215,16 +215,18 @@ class ServerHandle:
         self.stop()
 
 
-def start_vllm(alias: str, spec: LaunchSpec, log_dir: Path) -> ServerHandle:
-    """Start a vLLM server for `spec` and wait until it serves; raise ServerStartError if not."""
+def start_vllm(alias: str, spec: LaunchSpec, log_dir: Path, *, port: int | None = None,
+               api_key: str | None = None) -> ServerHandle:
+    """Start a vLLM server for `spec` and wait until it serves; raise ServerStartError if not.
+    A fresh free port and random key unless given (a restart of the same endpoint)."""
     device = spec.resolved_device()
     model_dir = resolve_model_dir(spec.model)
     served = spec.served_model_name or alias
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     template_path, template_text = _template_file(spec, log_dir, alias)
-    port = free_port(spec.host)
-    api_key = secrets.token_urlsafe(32)
+    port = port or free_port(spec.host)
+    api_key = api_key or secrets.token_urlsafe(32)
     cmd = build_command(spec, model_dir=model_dir, served_name=served, port=port,
                         python=spec.python or default_python(device), device=device,
                         chat_template_path=template_path)

@@ -95,6 +95,7 @@ def test_rerun_makes_zero_model_calls(optima_run):
 
 def test_information_split_mode_each_speaker_sees_its_half(prefect_api, embedded_servers, tmp_path):
     from toa.flows.synthesize import toa
+    from toa.methods.dialogue import intro
 
     prompts = tmp_path / "gsm.jsonl"
     prompts.write_text(json.dumps(PROMPTS[0]) + "\n")  # "A baker makes 12 muffins. He sells 5 of them. How many ...?"
@@ -109,6 +110,10 @@ def test_information_split_mode_each_speaker_sees_its_half(prefect_api, embedded
     samples = query(store, "select agent, action from samples where run_id = ?", [result["run_id"]])
     assert set(samples["action"].str.slice(0, 3)) <= {"a_r", "b_r"} and set(samples["agent"]) == {"smollm2", "gemma3"}
     for call in query(store, "select agent, request_json from calls").iter_rows(named=True):
-        seen = json.loads(call["request_json"])["messages"][0]["content"]
-        mine, other = ("makes 12 muffins", "sells 5 of them") if call["agent"] == "smollm2" else ("sells 5 of them", "makes 12 muffins")
-        assert mine in seen and other not in seen, (call["agent"], seen)
+        # The first message is the speaker's intro, then (second speaker) the partner's first
+        # utterance, which may well quote the partner's half: that is what the dialogue is for.
+        speaker = 0 if call["agent"] == "smollm2" else 1
+        own_intro = intro(PROMPTS[0]["question"], "split", speaker)
+        assert json.loads(call["request_json"])["messages"][0]["content"].startswith(own_intro)
+        mine, other = ("makes 12 muffins", "sells 5 of them")[::1 if speaker == 0 else -1]
+        assert mine in own_intro and other not in own_intro, (call["agent"], own_intro)

@@ -15,6 +15,13 @@ AGENTS = ("A", "B", "C", "D")
 BASE = {"A": 0.10, "B": 0.05, "C": 0.00, "D": -0.05}
 
 
+def next_sample_id(slots: dict, agent, messages) -> str:
+    """A content-addressed id for the next slot of (agent, messages), as the request layer makes."""
+    key = content_key(agent, messages)
+    slot = slots[key] = slots.get(key, -1) + 1
+    return content_key(agent, messages, slot)[:16]
+
+
 class FakeGenerate:
     """Deterministic generate. The reply text encodes the agent, k (1-based index of the
     generation within this prompt), whether the call was a refinement (any message other than
@@ -38,9 +45,7 @@ class FakeGenerate:
 
     def _one(self, agent, messages) -> Generation:
         self.k += 1
-        key = content_key(agent, messages)
-        slot = self.slots[key] = self.slots.get(key, -1) + 1
-        sid = content_key(agent, messages, slot)[:16]
+        sid = next_sample_id(self.slots, agent, messages)
         if self.k in self.fail_k:
             return Generation(sid, agent, None, status=ERROR, error="server down")
         refined = self.is_refinement(messages)

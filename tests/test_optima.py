@@ -10,6 +10,7 @@ import json
 
 import polars as pl
 import pytest
+from fakes import next_sample_id
 
 from toa.methods import MethodContext, get_method
 from toa.methods.dialogue import (
@@ -24,7 +25,6 @@ from toa.rows import (
     Generation,
     Prompt,
     Score,
-    content_key,
     frame,
     sample_row,
 )
@@ -49,9 +49,7 @@ class FakeDialogueGenerate:
 
     def _one(self, agent, messages) -> Generation:
         self.k += 1
-        key = content_key(agent, messages)
-        slot = self.slots[key] = self.slots.get(key, -1) + 1
-        sid = content_key(agent, messages, slot)[:16]
+        sid = next_sample_id(self.slots, agent, messages)
         if self.k in self.fail_k:
             return Generation(sid, agent, None, status=ERROR, error="server down")
         tokens = 4 + self.k % 3

@@ -1,6 +1,9 @@
 """The `toa` flow (deployment `synthesize`): servers -> prompts -> sampling per (method, batch)
 -> datasets -> summary -> report. It only orchestrates; every step is a task in tasks/.
 
+Asked to stop (toa.stopping: Ctrl-C or SIGTERM of `toa run`), it stops starting work, lets the
+running batches flush what finished, stops the servers and ends Cancelled; a rerun resumes.
+
 Failed batches do not stop the others: the flow builds datasets from what finished, publishes
 the summary, and then fails naming the failed batches, so Retry in the Prefect UI (or
 `prefect flow-run retry`) redoes only the unfinished work (finished batches have done markers,
@@ -14,7 +17,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.futures import as_completed
+from prefect.states import Cancelled
 from toa.tasks.datasets import build_datasets
+from toa.tasks.logs import route_toa_logs
 from toa.tasks.progress import RunProgress
 from toa.tasks.prompts import load_prompt_batches
 from toa.tasks.report import publish_report, record_run, summarize
@@ -22,9 +27,10 @@ from toa.tasks.sampling import sample_batch
 from toa.tasks.servers import start_endpoints, stop_servers
 from toa.tasks.verdicts import judge_samples, wants_verdicts
 
-from toa import templates
-from toa.config import RunConfig, load_config
-from toa.engine import BatchStats, close_engines, done_marker
+from toa import stopping, templates
+from toa.config import RunConfig, load_config, place_servers
+from toa.engine import BatchStats, cancel_all_work, close_engines, done_marker
+from toa.preflight import check_inputs
 from toa.limits import require_shared_api
 from toa.reward import build_backend
 from toa.runners import (
@@ -41,7 +47,8 @@ def resolve(config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
     from toa.blocks.resolve import resolve_blocks
 
     # blocks (reward.block, results_block) are resolved before the fingerprint is taken
-    return resolve_blocks(load_config(config_file, {k: v for k, v in overrides.items() if v is not None}))
+    cfg = resolve_blocks(load_config(config_file, {k: v for k, v in overrides.items() if v is not None}))
+    return place_servers(cfg)
 
 
 @flow(name="toa", log_prints=True)
@@ -60,6 +67,7 @@ def toa(
     (e.g. {"reward.kind": "math", "agents": [...]})."""
     cfg = resolve(config_file, {"methods": methods, "n": n, "seed": seed, "prompts.path": prompts_path,
                                 "prompts.limit": limit, "results_root": results_root, **(overrides or {})})
+    check_inputs(cfg)  # a missing prompt file or model folder: one clear error before anything starts
     run_id = cfg.run_id(extra={"templates": templates.hashes(), **_method_fingerprints(cfg)})
     store = Store(cfg.results_root, cfg.storage_options)
     store.init_tables()  # fails here, before any model call, on a root without write permission
@@ -84,10 +92,16 @@ def toa(
         runner = build_task_runner(cfg.task_runner if pending else TaskRunnerConfig())
         sampling = sample_units.with_options(task_runner=runner,
                                              flow_run_name=f"sampling-{run_id}")
-        stats, failed = sampling(cfg, endpoints, run_id, units)
+        with route_toa_logs():  # the engine's watchdog warnings, into this flow run's logs
+            state = sampling(cfg, endpoints, run_id, units, return_state=True)
+        stats, failed = state.result() if not state.is_cancelled() else ([], [])
+    except stopping.Stopped:
+        pass  # ended below as Cancelled, after the servers are stopped
     finally:
         close_engines()
         stop_servers()
+    if stopping.requested():
+        return _cancelled(store, run_id, units)
     counts = build_datasets(cfg, run_id, batches)
     if batches and wants_verdicts(cfg):  # gold answers: judge every sample (accuracy views)
         judge_samples(cfg, run_id, batches[0].source)
@@ -100,6 +114,15 @@ def toa(
                            "their errors are rows in the samples/calls views; retry this flow run to redo them")
     store.write_json({**result, "units": len(units)}, *_result_marker(run_id))
     return result
+
+
+def _cancelled(store: Store, run_id: str, units: list):
+    """The truthful end of a stopped run: Cancelled, saying what is kept."""
+    done = sum(store.exists(*done_marker(run_id, m, b.key)) for m, b in units)
+    message = (f"run {run_id} stopped ({stopping.reason()}): {done} of {len(units)} (method, batch) units "
+               "done, every finished call recorded; run the same command again to resume")
+    get_run_logger().warning(message)
+    return Cancelled(message=message)
 
 
 def _result_marker(run_id: str) -> tuple[str, ...]:
@@ -140,7 +163,15 @@ def sample_units(cfg: RunConfig, endpoints: dict, run_id: str, units: list) -> t
     try:
         with api_for_workers(runner):
             futures = {(m, b.key): sampler.submit(cfg, endpoints, run_id, m, b) for m, b in units}
-        return _collect(futures, RunProgress(run_id, units))
+        result = _collect(futures, RunProgress(run_id, units))
+        if stopping.requested():
+            return Cancelled(message=f"stopped ({stopping.reason()})")
+        return result
+    except BaseException:
+        # KeyboardInterrupt, Prefect's SIGTERM (a cancelled deployment run), a bug: the runner
+        # would wait for every running batch before letting the exception through; end them now.
+        cancel_all_work()
+        raise
     finally:
         # Dask workers (of an existing cluster especially) outlive the run: close their engines
         closed = close_worker_engines(runner)

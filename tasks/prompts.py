@@ -15,7 +15,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from toa.config import RunConfig
-from toa.prompts import iter_prompts
+from toa.errors import UserError
+from toa.prompts import display_name, iter_prompts
 from toa.rows import Prompt, SkippedRow, content_key
 from toa.storage import Store
 
@@ -54,6 +55,9 @@ def load_prompt_batches(cfg: RunConfig) -> list[BatchRef]:
         batches.append(_write_batch(store, source, pending))
     if skipped:
         store.write_rows("skipped_rows", skipped, f"source={source}", "skipped.parquet")
+        if not batches:
+            raise UserError(f"{display_name(cfg.prompts.path)}: all {len(skipped)} rows were skipped as bad, no prompt "
+                            f"is left; first: line {skipped[0].line}: {skipped[0].reason} (see the skipped_rows view)")
         get_run_logger().warning("skipped %d bad prompt rows (see the skipped_rows view); first: %s:%d: %s",
                                  len(skipped), skipped[0].source, skipped[0].line, skipped[0].reason)
     store.write_json({"batches": [b.__dict__ for b in batches]}, *manifest)

@@ -29,6 +29,9 @@ def record_run(cfg: RunConfig, run_id: str, endpoints: dict[str, Endpoint], rewa
         "config_json": cfg.model_dump_json(),  # SecretStr fields dump as '**********'
         "models_json": json.dumps({"agents": {a: e.identity for a, e in endpoints.items()},
                                    "base_urls": {a: e.base_url for a, e in endpoints.items()},
+                                   # how each launched server computed: "auto" resolved on this machine
+                                   "launch": {a: {"device": e.device, "dtype": e.dtype, "cpus": e.cpus}
+                                              for a, e in endpoints.items() if e.device is not None},
                                    "templates": templates.hashes()}),
         "reward_id": reward_id,
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from toa import stopping
 from toa.config import RunConfig
 from toa.engine import BatchStats, run_batch
 from toa.servers import Endpoint
@@ -21,8 +22,13 @@ class BatchFailed(RuntimeError):
     """Some calls, rewards or method runs of a batch failed; they are recorded as rows."""
 
 
+def _retry_unless_stopping(task, task_run, state) -> bool:
+    """A run that is stopping retries nothing: its batches resume on the next run."""
+    return not stopping.requested()
+
+
 @task(name="sample-batch", cache_policy=NO_CACHE, retry_delay_seconds=[5, 30, 60],
-      task_run_name="{method}-{batch.key}")
+      retry_condition_fn=_retry_unless_stopping, task_run_name="{method}-{batch.key}")
 def sample_batch(cfg: RunConfig, endpoints: dict[str, Endpoint], run_id: str, method: str,
                  batch: BatchRef) -> BatchStats:
     prompts = read_batch(Store(cfg.results_root, cfg.storage_options), batch)

@@ -26,11 +26,13 @@ def embedded_servers(tmp_path_factory):
     from concurrent.futures import ThreadPoolExecutor
 
     from toa.servers import LaunchSpec, start_vllm
+    from toa.servers.spec import place_cpu_servers
 
     log_dir = tmp_path_factory.mktemp("server-logs")
     models = {"smollm2": "embedded:smollm2-135m-instruct", "gemma3": "embedded:gemma3-270m"}
+    specs = place_cpu_servers({a: LaunchSpec(model=m) for a, m in models.items()})  # as a run places them
     with ThreadPoolExecutor(len(models)) as pool:
-        futures = {a: pool.submit(start_vllm, a, LaunchSpec(model=m), log_dir) for a, m in models.items()}
+        futures = {a: pool.submit(start_vllm, a, spec, log_dir) for a, spec in specs.items()}
     handles = {a: f.result() for a, f in futures.items() if f.exception() is None}
     try:
         failed = [f.exception() for f in futures.values() if f.exception() is not None]

@@ -6,6 +6,10 @@ The first path segment picks a behaviour, so one double serves several agents at
     http://127.0.0.1:<port>/500/v1    answers 500 Internal Server Error
     http://127.0.0.1:<port>/hang/v1   answers only after `hang_s` (past the client's timeout)
     http://127.0.0.1:<port>/close/v1  closes the connection without answering
+    http://127.0.0.1:<port>/slow/v1   answers after `slow_s` (a server that is busy, not broken)
+    http://127.0.0.1:<port>/stall/v1  never answers (until healed), and its /stall/metrics reports
+                                      the waiting requests as running with token counters that
+                                      never move: vLLM's metrics of a stalled engine
 Setting `healed = True` makes every path answer (the server "recovered"). A wrong API key gets
 401 with the offered key echoed in the message, as some hosted APIs do, so tests can check that
 toa never stores or re-raises it. Every request is counted with its arrival time.
@@ -22,8 +26,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class OpenAIDouble:
-    def __init__(self, api_key: str, hang_s: float = 3.0):
-        self.api_key, self.hang_s, self.healed = api_key, hang_s, False
+    def __init__(self, api_key: str, hang_s: float = 3.0, slow_s: float = 1.0):
+        self.api_key, self.hang_s, self.slow_s, self.healed = api_key, hang_s, slow_s, False
+        self.stalled = 0  # requests held by the "stall" mode right now
         self.requests: list[tuple[str, float, dict]] = []  # (mode, arrival time, body)
         self.auth_seen: list[str] = []
         self.lock = threading.Lock()
@@ -72,6 +77,12 @@ def _handler(double: OpenAIDouble):
             self.end_headers()
             self.wfile.write(data)
 
+        def _answer_if_listening(self, body: dict) -> None:
+            try:
+                self._send(200, _completion(body))
+            except OSError:
+                pass  # the client gave up
+
         def _authorized(self) -> bool:
             offered = self.headers.get("Authorization", "").removeprefix("Bearer ")
             double.auth_seen.append(offered)
@@ -81,6 +92,17 @@ def _handler(double: OpenAIDouble):
             return False
 
         def do_GET(self) -> None:
+            if self.path.endswith("/metrics"):  # like vLLM: metrics need no key
+                page = (f'vllm:num_requests_running{{engine="0",model_name="m"}} {double.stalled}.0\n'
+                        'vllm:num_requests_waiting{engine="0",model_name="m"} 0.0\n'
+                        'vllm:generation_tokens_total{engine="0",model_name="m"} 42.0\n'
+                        'vllm:prompt_tokens_total{engine="0",model_name="m"} 420.0\n').encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+                return
             if self._authorized():
                 self._send(200, {"object": "list", "data": [{"id": "m", "object": "model"}]})
 
@@ -101,6 +123,20 @@ def _handler(double: OpenAIDouble):
                     self._send(200, _completion(body))
                 except OSError:
                     pass  # the client gave up (timeout): nobody is listening any more
+            elif mode == "slow":
+                time.sleep(double.slow_s)
+                self._answer_if_listening(body)
+            elif mode == "stall":
+                with double.lock:
+                    double.stalled += 1
+                try:
+                    deadline = time.monotonic() + 600
+                    while not double.healed and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                finally:
+                    with double.lock:
+                        double.stalled -= 1
+                self._answer_if_listening(body)
             elif mode == "close":
                 self.close_connection = True
                 self.connection.shutdown(2)  # drop the connection mid-request, no response

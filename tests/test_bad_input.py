@@ -53,7 +53,8 @@ def test_bad_rows_are_skipped_with_line_and_reason_and_no_good_row_is_lost(tmp_p
     skipped = query(Store(cfg.results_root), "select line, reason from skipped_rows order by line").rows()
     assert [line for line, _ in skipped] == [2, 4, 5, 7, 8, 10]
     reasons = dict(skipped)
-    assert reasons[2].startswith("invalid JSON") and reasons[4] == "missing field 'prompt'"
+    assert reasons[2].startswith("invalid JSON")
+    assert reasons[4] == "missing field 'prompt' (prompts.text_field); the row has 'text': set prompts.text_field = 'text'"
     assert reasons[5] == "field 'prompt' is empty" and reasons[7] == "duplicate prompt_id 'g0'"
     assert reasons[8].startswith("invalid UTF-8") and reasons[10] == "row is not a JSON object (got list)"
     assert len(prompts) + len(skipped) == len(source.read_bytes().splitlines())  # every row accounted for
@@ -158,3 +159,59 @@ def test_prompt_longer_than_the_context_is_a_row_error_and_the_batch_goes_on(emb
     attempts = query(store, "select prompt_id, count(*) as n from call_attempts group by 1 order by 1").rows()
     assert attempts == [("long", 2), ("short", 2)]  # one request each (n=2): the 400 was not retried
     assert not store.exists("done", "run=r1", "method=random", "b0.json")
+
+
+# -- the command line: one message, exit status 2, no traceback (issue 11, item 8) ---------------
+def toa_cli(*argv: str, cwd: Path) -> tuple[int, str]:
+    """`toa` as a user runs it: its own process, its own output."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.run([sys.executable, "-m", "toa.cli", *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def dead_url() -> str:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+@pytest.mark.parametrize("case", ["wrong shape", "missing file", "unreachable endpoint", "toa width", "bad --set"])
+def test_user_errors_are_one_message_and_exit_2_before_anything_starts(tmp_path, case):
+    wrong = tmp_path / "bad.jsonl"
+    wrong.write_text('{"instruction": "say hi", "output": "hi"}\n' * 3)
+    argv, expected = {
+        "wrong shape": (["--set", f"prompts.path={wrong}"],
+                        "bad.jsonl:1: missing field 'prompt' (prompts.text_field); the row has 'instruction', 'output': "
+                        "set prompts.text_field = 'instruction'"),
+        "missing file": (["--set", f"prompts.path={tmp_path / 'nope.jsonl'}"], "prompts.path: no such file"),
+        "unreachable endpoint": (["--set", 'agents=[{"alias": "remote", "endpoint": {"base_url": "' + dead_url()
+                                  + '", "model": "m"}}]'], "server 'remote': cannot reach http://127.0.0.1:"),
+        "toa width": (["--set", 'methods=["toa"]'], "Fix: set method_options.toa.width >= 2, or n >= 3"),
+        "bad --set": (["--set", "n"], "--set expects key=value, got 'n'"),
+    }[case]
+    code, out = toa_cli("run", *argv, cwd=tmp_path)
+    assert code == 2, out
+    assert expected in out and "Traceback" not in out, out
+    assert len(out.strip().splitlines()) <= 3, out  # one message (a config error lists its fields)
+    assert not (tmp_path / "results" / "logs").exists()  # nothing started: no server, no Prefect API
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    code, out = toa_cli("run", "--debug", "--set", f"prompts.path={tmp_path / 'nope.jsonl'}", cwd=tmp_path)
+    assert code == 2 and "Traceback" in out and "prompts.path: no such file" in out
+
+
+@pytest.mark.integration
+def test_a_bad_row_found_inside_the_flow_is_one_message_and_exit_2(tmp_path):
+    """A bad row past the head the pre-flight check reads: the flow's prompt-loading task finds
+    it; the terminal still shows one message and no traceback, and exit status 2."""
+    rows = [json.dumps({"prompt": f"question {i}"}) for i in range(150)] + ['{"prompt": ']
+    source = tmp_path / "long.jsonl"
+    source.write_text("\n".join(rows) + "\n")
+    code, out = toa_cli("run", "--set", f"prompts.path={source}", "--no-progress", cwd=tmp_path)
+    assert code == 2, out[-3000:]
+    assert out.count("long.jsonl:151: invalid JSON") >= 1 and "Traceback" not in out, out[-3000:]

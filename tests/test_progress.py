@@ -107,15 +107,35 @@ def test_cli_bar_listens_only_when_shown(capsys):
 
     from toa.cli import _progress_bar
 
-    with _progress_bar(False):
+    with _progress_bar(False, []):
         assert progress._LISTENERS == []  # not a terminal (CI logs): no bar
     t = Tracker({("random", "b1"): 2})
-    with _progress_bar(True):
+    with _progress_bar(True, []):
         assert len(progress._LISTENERS) == 1
         t.finish(("random", "b1"), 2)
         progress._notify(t)
     assert progress._LISTENERS == []
     assert "2/2" in capsys.readouterr().out
+
+
+def test_log_lines_print_through_the_bars_console_never_on_its_line(capsys):
+    """Prefect's console handler prints through the bar's own console while the bar shows (so
+    rich puts the line above the bar), and gets its console back afterwards."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from toa.cli import _progress_bar
+
+    handler = PrefectConsoleHandler()
+    own = handler.console
+    record = logging.LogRecord("prefect.test", logging.INFO, __file__, 1, "a log line", None, None)
+    with _progress_bar(True, [handler]):
+        assert handler.console is not own
+        handler.emit(record)
+    assert handler.console is own
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.strip() == "a log line" for line in lines), lines  # a line of its own
 
 
 # -- the flow on real servers ---------------------------------------------------------------

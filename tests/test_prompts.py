@@ -149,7 +149,7 @@ JSONL_BAD = [
     ("{not json", "invalid JSON: Expecting property name enclosed in double quotes (column 2)"),
     ('["a", "list"]', "row is not a JSON object (got list)"),
     ('"just a string"', "row is not a JSON object (got str)"),
-    ('{"text": "wrong field"}', "missing field 'prompt'"),
+    ('{"text": "wrong field"}', "missing field 'prompt' (prompts.text_field); the row has 'text': set prompts.text_field = 'text'"),
     ('{"prompt": "   "}', "field 'prompt' is empty"),
     ('{"prompt": 12}', "field 'prompt' is not a string (got int)"),
     ('{"prompt": null}', "field 'prompt' is null"),
@@ -199,7 +199,7 @@ def test_undecodable_bytes_are_caught_on_their_line(tmp_path):
 def test_raw_is_truncated_to_500_chars(tmp_path):
     f = write_jsonl(tmp_path / "p.jsonl", [{"text": "x" * 2000}])
     _, (s,) = load_prompts(PromptSource(path=str(f), on_bad_row="skip"))
-    assert len(s.raw) == 500 and s.reason == "missing field 'prompt'"
+    assert len(s.raw) == 500 and s.reason.startswith("missing field 'prompt'")
 
 
 def test_bad_id_and_reference_types(tmp_path):

@@ -65,15 +65,12 @@ def reference_logits(folder, items):
 def served(tmp_path_factory):
     """(backend that launched its own server, model folder); the server stops at module end."""
     from toa.reward.vllm_pool import VllmReward
-    from toa.servers import LaunchSpec, ServerStartError
+    from toa.servers import LaunchSpec
 
     folder = build_tiny_classifier(tmp_path_factory.mktemp("tiny-rm"))
     spec = LaunchSpec(model=str(folder), dtype="float32", max_model_len=256)
     backend = VllmReward(launch=spec, alias="tiny-rm", log_dir=tmp_path_factory.mktemp("logs"))
-    try:
-        backend.start()
-    except ServerStartError as exc:  # keep the precise reason if vLLM CPU cannot serve it
-        pytest.skip(f"vLLM CPU cannot serve a classifier: {exc}")
+    backend.start()  # a server that fails to start fails the tests (its message has the log tail)
     yield backend, folder
     backend.close()
 

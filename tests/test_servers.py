@@ -156,29 +156,51 @@ def test_server_that_exits_raises_with_log_tail_quickly(tmp_path):
 
 def test_server_that_hangs_times_out_and_group_is_killed(tmp_path):
     # The child ignores SIGTERM and forks a grandchild: stop() must SIGKILL the whole group.
-    python = _fake_server(tmp_path, "trap '' TERM\necho starting pid=$$\nsleep 300 &\nwait")
+    # (field 5 of /proc/<pid>/stat is the process group: the guard's, which toa signals)
+    python = _fake_server(tmp_path, "trap '' TERM\necho starting pgid=$(cut -d' ' -f5 /proc/$$/stat)\nsleep 300 &\nwait")
     spec = LaunchSpec(model="m", device="cpu", python=python, startup_timeout_s=2)
     t0 = time.monotonic()
     with pytest.raises(ServerStartError, match="not ready after 2 s") as err:
         start_vllm("hung", spec, tmp_path / "logs")
     msg = str(err.value)
-    assert "starting pid=" in msg
+    assert "starting pgid=" in msg
     assert time.monotonic() - t0 < 45
-    pgid = int(msg.split("starting pid=")[1].split()[0])
-    assert not group_alive(pgid)
+    pgid = int(msg.split("starting pgid=")[1].split()[0])
+    assert pgid > 1 and not group_alive(pgid)
 
 
 def test_stop_is_idempotent_and_ends_group(tmp_path, monkeypatch):
     # A "server" that forks a child; readiness is faked so start_vllm returns a live handle.
     python = _fake_server(tmp_path, "sleep 300 &\nsleep 300")
     monkeypatch.setattr("toa.servers.vllm._ready", lambda *a, **k: True)
-    handle = start_vllm("fake", LaunchSpec(model="m", device="cpu", python=python), tmp_path)
+    handle = start_vllm("fake", LaunchSpec(model="m", device="cpu", python=python), tmp_path, generation_probe=False)
     pgid = handle.pid
     assert group_alive(pgid)
     with handle:
         pass
     assert not group_alive(pgid)
     handle.stop()  # second stop: no error
+
+
+def _fake_vllm(tmp_path: Path, chat: str) -> str:
+    """tests/fake_vllm.py as the interpreter: it answers /health and /v1/models; chat as told."""
+    script = Path(__file__).with_name("fake_vllm.py")
+    return _fake_server(tmp_path, f'FAKE_VLLM_CHAT={chat} exec {sys.executable} {script} "$@"')
+
+
+def test_a_server_that_loads_but_never_generates_fails_readiness_fast(tmp_path):
+    spec = LaunchSpec(model="m", device="cpu", python=_fake_vllm(tmp_path, "never"), probe_timeout_s=2)
+    t0 = time.monotonic()
+    with pytest.raises(ServerStartError, match="answered /health but generated nothing within 2 s"):
+        start_vllm("mute", spec, tmp_path / "logs")
+    assert time.monotonic() - t0 < 30
+
+
+def test_readiness_ends_with_a_real_generation_and_measures_it(tmp_path):
+    spec = LaunchSpec(model="m", device="cpu", python=_fake_vllm(tmp_path, "ok"))
+    with start_vllm("talks", spec, tmp_path / "logs") as handle:
+        assert handle.tokens_per_s is not None and handle.tokens_per_s > 0
+        assert handle.endpoint.device == "cpu" and handle.endpoint.dtype in ("bfloat16", "float32")
 
 
 # ---------------------------------------------------------------------------- integration

@@ -41,6 +41,11 @@ from toa.servers import Endpoint
 TRANSIENT = (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError, openai.InternalServerError)
 
 
+class ServerStalled(RuntimeError):
+    """The endpoint's watchdog (toa.servers.watch) saw it take requests without generating;
+    every call to it fails at once with what it reported, for the rest of the run."""
+
+
 @dataclass(frozen=True)
 class ClientPolicy:
     max_concurrency: int = 64
@@ -77,6 +82,16 @@ class EndpointClient:
         )
         self.limit = asyncio.Semaphore(policy.max_concurrency)
         self.requests = 0  # HTTP requests actually sent (for tests and reports)
+        self.stalled: str | None = None  # the watchdog's message once the server stalled
+        self._in_flight: set[asyncio.Timeout] = set()  # one per request, to end them on a stall
+
+    def fail_in_flight(self, message: str) -> None:
+        """End every request in flight, and every later one, with ServerStalled(message).
+        Call on the client's loop."""
+        self.stalled = message
+        now = asyncio.get_running_loop().time()
+        for deadline in list(self._in_flight):
+            deadline.reschedule(now)
 
     async def complete(self, messages: list[Message], n: int, seed: int, params: dict | None = None) -> list[_Choice]:
         """n choices in as few requests as the endpoint allows; raises after the retries.
@@ -94,12 +109,23 @@ class EndpointClient:
         for attempt in range(self.policy.retries + 1):
             try:
                 async with self.limit, request_slot(self.policy.global_limits):
+                    if self.stalled:
+                        raise ServerStalled(self.stalled)
                     self.requests += 1
-                    resp = await self.client.chat.completions.create(
-                        model=self.endpoint.model, messages=messages, n=n, seed=seed,
-                        extra_body=extra, **named, **({"logprobs": True} if logprobs else {}),
-                    )
+                    async with asyncio.timeout(None) as deadline:  # rescheduled by fail_in_flight
+                        self._in_flight.add(deadline)
+                        try:
+                            resp = await self.client.chat.completions.create(
+                                model=self.endpoint.model, messages=messages, n=n, seed=seed,
+                                extra_body=extra, **named, **({"logprobs": True} if logprobs else {}),
+                            )
+                        finally:
+                            self._in_flight.discard(deadline)
                 return _choices(resp, n)
+            except TimeoutError:
+                if self.stalled:
+                    raise ServerStalled(self.stalled) from None
+                raise
             except TRANSIENT:
                 if attempt == self.policy.retries:
                     raise

@@ -1,6 +1,7 @@
 """`toa` command line.
 
     toa setup                      one-time: vLLM CPU environment (no GPU) + embedded models
+    toa doctor [--probe]           what this machine is, what is installed, what a run will do
     toa run [--config run.toml] [--set key=value ...]   run the `toa` flow and print the summary
     toa sql "select ..." [--root results]               query the results with DuckDB
     toa tree <prompt_id> [--html tree.html]             show one prompt's search tree
@@ -9,18 +10,28 @@
     toa methods                    list the sampling methods
     toa evolve [--config run.toml] [--set ...] [--iterations K] [--evolve key=value ...]
                                    EVA prompt evolution: sample, evolve the prompts, sample again
+
+`run` and `evolve` stop cleanly on Ctrl-C or SIGTERM (exit 130 / 143; a second Ctrl-C exits at
+once); a problem in what they are given is one message and exit status 2 (`--debug`: traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
+import logging
 import os
+import shutil
 import sys
+import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from toa.config import ConfigError, load_config
+from toa.config import load_config
+from toa.errors import UserError
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, Any]:
@@ -28,7 +39,7 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
+            raise UserError(f"--set expects key=value, got {pair!r}")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -51,42 +62,112 @@ def cmd_setup(args) -> None:
     print(f"embedded models available: {', '.join(EMBEDDED_MODELS)}")
 
 
-def cmd_run(args) -> None:
+def cmd_doctor(args) -> None:
+    """What this machine is, what is installed, what a run will do; exit 1 on a problem."""
+    from toa.doctor import diagnose
+
+    report = diagnose(load_config(args.config, _parse_sets(args.set)), probe=args.probe)
+    print(report.text())
+    if report.problems:
+        raise SystemExit(1)
+
+
+def _prefect_env() -> None:
+    """Before Prefect is imported (it reads its settings once): no telemetry, no download bars."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars would break the progress bar
+
+
+def cmd_run(args) -> None:
+    from toa.preflight import check_inputs
+
+    _prefect_env()
+    overrides = _parse_sets(args.set)
+    cfg = load_config(args.config, overrides)  # validate before Prefect starts: a bad config fails fast
+    check_inputs(cfg)
     from toa.flows.synthesize import toa
 
-    overrides = _parse_sets(args.set)
-    load_config(args.config, overrides)  # validate before Prefect starts: a bad config fails fast
-    with _progress_bar(sys.stdout.isatty() and not args.no_progress):
-        result = toa(config_file=args.config, overrides=overrides)
+    result = _run_flow(lambda: toa(config_file=args.config, overrides=overrides, return_state=True),
+                       cfg.results_root, args, show_bar=sys.stdout.isatty() and not args.no_progress)
     _print_result(result)
 
 
 def cmd_evolve(args) -> None:
     """Run the `toa-evolve` flow and print each iteration's run and the evolve id."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from toa.preflight import check_inputs
+
+    _prefect_env()
     from toa.evolve import EvolveConfig
     from toa.flows.evolve import toa_evolve
 
     overrides, evolve = _parse_sets(args.set), _parse_sets(args.evolve)
-    load_config(args.config, overrides)  # both validated before Prefect starts
+    cfg = load_config(args.config, overrides)  # both validated before Prefect starts
     try:
         EvolveConfig(**evolve)
     except ValueError as exc:
-        raise SystemExit(f"invalid --evolve: {exc}") from None
-    result = toa_evolve(config_file=args.config, iterations=args.iterations, evolve=evolve, overrides=overrides)
+        raise UserError(f"invalid --evolve: {exc}") from None
+    check_inputs(cfg)
+    result = _run_flow(lambda: toa_evolve(config_file=args.config, iterations=args.iterations, evolve=evolve,
+                                          overrides=overrides, return_state=True),
+                       cfg.results_root, args, show_bar=False)
     for i, run in enumerate(result["runs"]):
         print(f"iteration {i}: run {run['run_id']}")
     print(f"evolve {result['evolve_id']}: toa sql \"select * from evolve_iterations where evolve_id = "
           f"'{result['evolve_id']}'\"; evolved prompts in the evolutions view")
 
 
+def _run_flow(call: Callable[[], Any], results_root: str, args, show_bar: bool) -> Any:
+    """Run a flow call (returning its final state) on a temporary Prefect API when none is
+    configured, in a worker thread that a Ctrl-C or SIGTERM stops in order (toa.supervise);
+    returns the flow's result, raises its exception."""
+    from toa.servers.prefect_api import temporary_api
+    from toa.storage import Store
+    from toa.supervise import run_stoppable
+
+    with temporary_api(Path(Store(results_root).local_dir("logs"))):
+        context = contextvars.copy_context()  # the worker thread sees the temporary API's settings
+        with _console(show_bar, debug=args.debug):
+            state = run_stoppable(lambda: context.run(call))
+    return state.result()  # raises the flow's exception, or CancelledRun
+
+
 @contextmanager
-def _progress_bar(show: bool):
+def _console(show_bar: bool, debug: bool):
+    """One console for Prefect's log lines and the progress bar. Log records of a user error are
+    kept off the terminal (the API still has them): the message is printed once, at the end."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    handlers = [h for h in _all_handlers() if isinstance(h, PrefectConsoleHandler)]
+    quiet = _NoUserErrorTracebacks()
+    if not debug:
+        for h in handlers:
+            h.addFilter(quiet)
+    try:
+        with _progress_bar(show_bar, handlers):
+            yield
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
+
+
+def _all_handlers() -> list[logging.Handler]:
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    return list({id(h): h for lg in loggers for h in lg.handlers}.values())
+
+
+class _NoUserErrorTracebacks(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, UserError)
+
+
+@contextmanager
+def _progress_bar(show: bool, console_handlers: list):
     """A bar of prompts done / total with an ETA on a terminal (not in CI logs: the flow's
-    per-batch log lines already say the same there)."""
+    per-batch log lines already say the same there). Prefect's log lines print through the
+    bar's console, above it, never on its line."""
     if not show:
         yield
         return
@@ -98,29 +179,70 @@ def _progress_bar(show: bool):
                TextColumn("batches {task.fields[batches]}"), TextColumn("ETA {task.fields[eta]}"))
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task("prompts", total=None, batches="-", eta="unknown")
+        consoles = [h.console for h in console_handlers]
+        for h in console_handlers:
+            h.console = bar.console
 
         def update(snap):
             bar.update(task, completed=snap.done, total=snap.total, eta=format_eta(snap.eta_s),
                        batches=f"{snap.batches_done}/{snap.batches_total}")
 
-        with listen(update):
-            yield
+        try:
+            with listen(update):
+                yield
+        finally:
+            for h, console in zip(console_handlers, consoles):
+                h.console = console
+
+
+SUMMARY_COLUMNS = (  # (header, key or function of a row, format); most useful first, dropped from the right
+    ("method", "method", "{}"), ("prompts", "prompts", "{:d}"), ("best", "best_reward", "{:.3f}"),
+    ("mean", "mean_reward", "{:.3f}"), ("gens", "generations", "{:d}"),
+    ("errors", lambda r: (r.get("generation_errors") or 0) + (r.get("reward_errors") or 0), "{:d}"),
+    ("new calls", "new_calls", "{:d}"), ("replayed", "replayed", "{:d}"), ("out tokens", "completion_tokens", "{:d}"),
+)
+
+
+def format_summary(rows: list[dict], width: int) -> str:
+    """The per-method summary as a plain table no wider than `width` (at least the first three
+    columns): the same text on a terminal, in a pipe and in a CI log."""
+    cells = [[h for h, _, _ in SUMMARY_COLUMNS]]
+    for row in rows:
+        cells.append([_cell(row, key, fmt) for _, key, fmt in SUMMARY_COLUMNS])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(SUMMARY_COLUMNS))]
+    keep = len(widths)
+    while keep > 3 and sum(widths[:keep]) + 2 * (keep - 1) > width:
+        keep -= 1
+    lines = []
+    for line in cells:
+        parts = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:keep], widths[1:keep])]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _cell(row: dict, key, fmt: str) -> str:
+    value = key(row) if callable(key) else row.get(key)
+    if value is None:
+        return "-"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
 
 
 def _print_result(result: dict) -> None:
-    import polars as pl
-
     from toa.db import database_path
     from toa.storage import Store
 
     store = Store(result["results_root"])
-    with pl.Config(tbl_rows=100, tbl_cols=20, tbl_width_chars=200):
-        print(pl.DataFrame(result["summary"]))
+    width = min(120, shutil.get_terminal_size((100, 24)).columns)
+    print(format_summary(result["summary"], width))
     print(f"run {result['run_id']}")
     for method, counts in result["datasets"].items():
         print(f"  {method}: {counts['sft']} SFT rows, {counts['dpo']} DPO pairs -> "
               f"{store.path('exports', 'run=' + result['run_id'], method)}/{{sft,dpo}}.jsonl")
-    print(f"DuckDB: {database_path(store)}  (try: toa sql \"select * from method_summary\")")
+    print(f"DuckDB: {database_path(store)}")
+    print(f"  all columns: toa sql \"select * from method_summary where run_id = '{result['run_id']}'\"")
 
 
 def cmd_sql(args) -> None:
@@ -191,13 +313,17 @@ def cmd_methods(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="toa", description="Multi-agent SFT/DPO data synthesis (TOA).")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn in (("setup", cmd_setup), ("run", cmd_run)):
+    for name, fn in (("setup", cmd_setup), ("run", cmd_run), ("doctor", cmd_doctor)):
         p = sub.add_parser(name, help=fn.__doc__)
         p.add_argument("--config", help="run file (TOML or YAML)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field (dotted key; value parsed as JSON if it can be)")
         if name == "run":
             p.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal anyway)")
+            p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+        if name == "doctor":
+            p.add_argument("--probe", action="store_true",
+                           help="start the run's servers and time a burst on each (about a minute)")
         p.set_defaults(fn=fn)
     p = sub.add_parser("evolve", help="EVA prompt evolution loop (flow toa-evolve)")
     p.add_argument("--config", help="run file (TOML or YAML)")
@@ -205,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iterations", type=int, help="evolve steps (default 1)")
     p.add_argument("--evolve", action="append", default=[], metavar="KEY=VALUE",
                    help="an evolve option (toa.evolve.EvolveConfig: metric, fraction, evolutions, agent, ...)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     p.set_defaults(fn=cmd_evolve)
     p = sub.add_parser("sql", help="query the results with DuckDB")
     p.add_argument("query")
@@ -236,11 +363,41 @@ def main(argv: list[str] | None = None) -> None:
         p.set_defaults(fn=fn)
     sub.add_parser("methods", help="list sampling methods").set_defaults(fn=cmd_methods)
     args = parser.parse_args(argv)
+    code = _exit_code(args)
+    if code:
+        raise SystemExit(code)
+
+
+def _exit_code(args) -> int:
+    """Run the command; the errors a user meets end in one message and a status, not a traceback."""
+    from toa.servers.vllm import ServerStartError
+    from toa.supervise import Interrupted
+
+    debug = getattr(args, "debug", False)
     try:
         args.fn(args)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        raise SystemExit(2) from None
+        return 0
+    except Interrupted as exc:
+        print(f"toa {args.command}: {exc}; finished calls are recorded, the same command resumes the run",
+              file=sys.stderr)
+        return exc.code
+    except UserError as exc:
+        _report(exc, debug)
+        return 2
+    except (ServerStartError, KeyboardInterrupt) as exc:
+        _report(exc, debug)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 1
+    except Exception as exc:
+        if args.command not in ("run", "evolve"):
+            raise
+        _report(exc, debug, prefix=f"toa {args.command} failed: {type(exc).__name__}: ")
+        return 1
+
+
+def _report(exc: BaseException, debug: bool, prefix: str = "") -> None:
+    if debug:
+        traceback.print_exception(exc)
+    print(f"{prefix}{exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

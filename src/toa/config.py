@@ -21,16 +21,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
+from toa.errors import UserError
 from toa.prompts import DEFAULT_PROMPTS, PromptSource
 from toa.reward.config import RewardConfig
 from toa.rows import content_key
 from toa.runners import TaskRunnerConfig
-from toa.servers.spec import AttachSpec, LaunchSpec
+from toa.servers.spec import AttachSpec, LaunchSpec, place_cpu_servers
 
 OPERATIONAL = {"operational": True}  # json_schema_extra marker: excluded from the fingerprint
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad configuration; the message names every bad field at once."""
 
 
@@ -66,6 +67,8 @@ class AgentConfig(BaseModel):
     max_concurrency: int = Field(64, gt=0, description="Requests in flight to this endpoint.", json_schema_extra=OPERATIONAL)
     timeout_s: float = Field(300.0, gt=0, description="Per-request timeout.", json_schema_extra=OPERATIONAL)
     retries: int = Field(4, ge=0, description="Retries on transient failures (exponential backoff).", json_schema_extra=OPERATIONAL)
+    stall_timeout_s: float | None = Field(60.0, gt=0, description="A server that reports running requests (vLLM /metrics) but generates no token for this long is stalled: its calls fail at once with an error row saying what it reported. None: no stall watch.", json_schema_extra=OPERATIONAL)
+    min_tokens_per_s: float | None = Field(20.0, gt=0, description="With several requests running, a server generating fewer tokens per second than this gets one warning naming the likely causes (dtype, cores, memory). None: no speed warning.", json_schema_extra=OPERATIONAL)
     global_limit: GlobalLimit | None = Field(None, description="Limits on this endpoint that hold across processes and machines (Prefect global concurrency limits); max_concurrency still limits each process.", json_schema_extra=OPERATIONAL)
 
     @model_validator(mode="after")
@@ -116,6 +119,7 @@ class RunConfig(BaseSettings):
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; known: {method_names()}")
         _check_method_options(self.method_options)
+        _check_budgets(self.methods, self.method_options, len(self.agents), self.n)
         return self
 
     @property
@@ -133,6 +137,28 @@ class RunConfig(BaseSettings):
     def run_id(self, extra: dict[str, Any] | None = None) -> str:
         """Hash of everything that changes results (plus e.g. template hashes)."""
         return content_key(self.fingerprint_fields(), extra or {})[:16]
+
+
+REWARD_SERVER = "(reward)"  # key of the reward model's launched server beside the agents' aliases (never an alias)
+
+
+def launch_specs(cfg: RunConfig) -> dict[str, LaunchSpec]:
+    """Every server the run launches: the agents' (by alias) and the reward model's."""
+    specs = {a.alias: a.launch for a in cfg.agents if a.launch is not None}
+    if cfg.reward.kind == "vllm" and cfg.reward.launch is not None:
+        specs[REWARD_SERVER] = cfg.reward.launch
+    return specs
+
+
+def place_servers(cfg: RunConfig) -> RunConfig:
+    """`cfg` with each launched CPU server's cores assigned (toa.servers.spec.place_cpu_servers).
+    Operational: cores change speed, not results, so the run id is the same."""
+    placed = place_cpu_servers(launch_specs(cfg))
+    agents = [a.model_copy(update={"launch": placed[a.alias]}) if a.launch is not None else a for a in cfg.agents]
+    update: dict[str, Any] = {"agents": agents}
+    if REWARD_SERVER in placed and cfg.reward.launch is not None:
+        update["reward"] = cfg.reward.model_copy(update={"launch": placed[REWARD_SERVER]})
+    return cfg.model_copy(update=update)
 
 
 def _result_fields(model: BaseModel) -> dict[str, Any]:
@@ -238,6 +264,21 @@ def _check_method_options(options: dict[str, dict[str, Any]]) -> None:
             raise ValueError(f"method_options.{name}: {exc}") from None
 
 
+def _check_budgets(methods: list[str], options: dict[str, dict[str, Any]], m: int, n: int) -> None:
+    """Methods whose options cannot work with M agents and n samples each (TOA's width) say so
+    here rather than inside every prompt after the servers have started."""
+    from toa.methods import get_method
+
+    for name in methods:
+        method = get_method(name, **options.get(name, {}))
+        check = getattr(method, "check_budget", None)
+        if check is not None:
+            try:
+                check(m, n)
+            except ValueError as exc:
+                raise ValueError(f"methods: {exc}") from None
+
+
 def _index(items: list, part: str, dotted: str) -> int:
     """A list position in a dotted override: an index, or for agents their alias."""
     if part.isdigit() and int(part) < len(items):
@@ -255,8 +296,9 @@ def _explain(exc: ValidationError, path: str | Path | None) -> str:
     where = f" in {path}" if path else ""
     lines = [f"invalid toa config{where}: {exc.error_count()} problem(s)"]
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in err["loc"])
         got = err.get("input")
-        shown = "" if isinstance(got, (dict, list)) else f" (got {json.dumps(got, default=str)[:80]})"
-        lines.append(f"  {loc}: {err['msg']}{shown}")
+        shown = "" if isinstance(got, (dict, list)) or not loc else f" (got {json.dumps(got, default=str)[:80]})"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}{shown}" if loc else f"  {msg}")
     return "\n".join(lines)

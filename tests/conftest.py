@@ -57,6 +57,20 @@ def attached_agents(endpoints, max_tokens: int = 32, key_env: bool = False) -> l
     return agents
 
 
+def launched_run_file(tmp_path, alias: str):
+    """A run file that launches one real vLLM CPU server (embedded SmolLM2) for a tiny run of 2
+    prompts: (run file, results root). The alias names the server's processes for the test."""
+    import json
+
+    root = tmp_path / "results"
+    run_file = tmp_path / "run.toml"
+    run_file.write_text("\n".join([
+        f"results_root = {json.dumps(str(root))}", 'methods = ["random"]', "n = 1", "[prompts]", "limit = 2",
+        "[[agents]]", f'alias = "{alias}"', "[agents.launch]", 'model = "embedded:smollm2-135m-instruct"',
+        "[agents.sampling]", "max_tokens = 16"]) + "\n")
+    return run_file, root
+
+
 @pytest.fixture(scope="session")
 def local_deployment(tmp_path_factory):
     """The deployment path of deployments/local.sh for real: a Prefect server (own PREFECT_HOME,

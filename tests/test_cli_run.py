@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import launched_run_file
 
 from toa.cli import format_summary
 from toa.db import query
@@ -41,12 +42,7 @@ def test_summary_fits_the_terminal_dropping_columns_from_the_right(width):
 @pytest.mark.integration
 def test_a_launched_run_resolves_dtype_and_cores_and_records_them(tmp_path):
     alias = "cli-smollm2"
-    root = tmp_path / "results"
-    run_file = tmp_path / "run.toml"
-    run_file.write_text("\n".join([
-        f"results_root = {json.dumps(str(root))}", 'methods = ["random"]', "n = 1", "[prompts]", "limit = 2",
-        "[[agents]]", f'alias = "{alias}"', "[agents.launch]", 'model = "embedded:smollm2-135m-instruct"',
-        "[agents.sampling]", "max_tokens = 16"]) + "\n")
+    run_file, root = launched_run_file(tmp_path, alias)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["COLUMNS"] = "80"
     proc = subprocess.run([sys.executable, "-m", "toa.cli", "run", "--config", str(run_file)], env=env,

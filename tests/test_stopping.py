@@ -21,6 +21,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import launched_run_file
 from openai_double import OpenAIDouble
 
 from toa.db import query
@@ -125,12 +126,7 @@ def test_signal_stops_the_run_in_time_leaves_nothing_and_a_rerun_finishes(tmp_pa
 def test_sigkill_of_the_orchestrator_ends_the_servers_it_launched(tmp_path):
     alias = "sigkill-smollm2"
     guards_before = set(processes(GUARD_MARK))
-    run_file = tmp_path / "run.toml"
-    root = tmp_path / "results"
-    run_file.write_text("\n".join([
-        f"results_root = {json.dumps(str(root))}", 'methods = ["random"]', "n = 1", "[prompts]", "limit = 2",
-        "[[agents]]", f'alias = "{alias}"', "[agents.launch]", 'model = "embedded:smollm2-135m-instruct"',
-        "[agents.sampling]", "max_tokens = 16"]) + "\n")
+    run_file, root = launched_run_file(tmp_path, alias)
     proc = toa_run(run_file)
     log = root / "logs" / f"{alias}.vllm.log"
     wait_until(lambda: log.exists() and "Application startup complete" in log.read_text(errors="replace"),

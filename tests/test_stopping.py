@@ -123,6 +123,33 @@ def test_signal_stops_the_run_in_time_leaves_nothing_and_a_rerun_finishes(tmp_pa
 
 
 @pytest.mark.integration
+def test_a_second_ctrl_c_exits_at_once_and_loses_no_finished_call(tmp_path):
+    guards_before = set(processes(GUARD_MARK))
+    with OpenAIDouble(KEY, slow_s=0.5) as double:
+        run_file = slow_run_file(tmp_path, double, "slow")
+        root = tmp_path / "results"
+        proc = toa_run(run_file)
+        wait_until(lambda: (root / "calls").exists() and recorded_calls(root) >= 3, 180, "the first calls", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.3)  # the first stop is under way
+        os.killpg(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
+        out = proc.communicate(timeout=30)[0].decode()
+        assert proc.returncode == 130, out[-3000:]
+        assert time.monotonic() - sent < 5 and "exiting at once" in out
+        assert not group_alive(proc.pid)
+        wait_until(lambda: not set(processes(GUARD_MARK)) - guards_before, 10, "the Prefect API to be killed")
+        kept = recorded_calls(root)  # journal lines count: they survive the hard exit
+
+        double.healed = True
+        seen = len(double.requests)
+        rerun = toa_run(run_file)
+        out = rerun.communicate(timeout=300)[0].decode()
+        assert rerun.returncode == 0, out[-3000:]
+    assert sum(body.get("n", 1) for _, _, body in double.requests[seen:]) == CALLS - kept
+
+
+@pytest.mark.integration
 def test_sigkill_of_the_orchestrator_ends_the_servers_it_launched(tmp_path):
     alias = "sigkill-smollm2"
     guards_before = set(processes(GUARD_MARK))

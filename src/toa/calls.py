@@ -14,7 +14,7 @@ running at once never race for a shared sample.
 
 Several slots are requested in one call with `n=k` where the endpoint supports it (vLLM shares
 the prompt prefill). Token logprobs are asked for only when a method asks (`logprobs=True`:
-Optima's utterance loss, step-MCTS priors): they cost the server time (2–4 % on SmolLM2 with
+Optima's utterance loss, step-MCTS priors): they cost the server time (4–14 % on SmolLM2 with
 vLLM CPU, benchmarks/throughput.py) and bytes on every response. Per-choice completion tokens are then exact; without them the
 request's total is split over its choices in proportion to their text length.
 A failed call is recorded with status "error" and its message and is retried on the next run.

@@ -240,7 +240,7 @@ class Optima:
         speakers = self._speakers(ctx)
         branching = self.opt.branching or default_branching(ctx.budget)
         # logprobs always (every reward kind records max_loss, and switching `reward` then
-        # replays the same dialogues from the record); on vLLM CPU they cost 2-4 % throughput
+        # replays the same dialogues from the record); on vLLM CPU they cost 4-14 % throughput (by CPU)
         sampling = {"logprobs": True, **({"max_tokens": self.opt.max_tokens} if self.opt.max_tokens else {})}
         roots = await self._grow(ctx, speakers, branching, sampling, None)
         turns = [t for r in roots for t in _walk(r)]  # depth-first, generation order

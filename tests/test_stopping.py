@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -89,15 +90,33 @@ def toa_run(run_file: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def start_mid_run(tmp_path: Path, double: OpenAIDouble) -> tuple[subprocess.Popen, Path, Path]:
+    """A `toa run` on the slow stub, once its first calls are recorded: (process, run file, root)."""
+    run_file = slow_run_file(tmp_path, double, "slow")
+    root = tmp_path / "results"
+    proc = toa_run(run_file)
+    wait_until(lambda: (root / "calls").exists() and recorded_calls(root) >= 3, 180, "the first calls", proc)
+    return proc, run_file, root
+
+
+def rerun_makes_only_the_missing_calls(run_file: Path, root: Path, double: OpenAIDouble, kept: int) -> None:
+    double.healed = True  # answers at once now
+    seen = len(double.requests)
+    rerun = toa_run(run_file)
+    out = rerun.communicate(timeout=300)[0].decode()
+    assert rerun.returncode == 0, out[-3000:]
+    made = sum(body.get("n", 1) for _, _, body in double.requests[seen:])
+    assert made == CALLS - kept  # the kept calls were replayed, none made again
+    attempts = query(Store(str(root)), "select count(*) as n, count(distinct call_key) as k from call_attempts")
+    assert attempts.rows() == [(CALLS, CALLS)]
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_the_run_in_time_leaves_nothing_and_a_rerun_finishes(tmp_path, sig, code):
     guards_before = set(processes(GUARD_MARK))
     with OpenAIDouble(KEY, slow_s=0.5) as double:
-        run_file = slow_run_file(tmp_path, double, "slow")
-        root = tmp_path / "results"
-        proc = toa_run(run_file)
-        wait_until(lambda: (root / "calls").exists() and recorded_calls(root) >= 3, 180, "the first calls", proc)
+        proc, run_file, root = start_mid_run(tmp_path, double)
         # Ctrl-C reaches the whole foreground group; SIGTERM is what `kill <pid>` or a supervisor sends.
         os.killpg(proc.pid, sig) if sig == signal.SIGINT else os.kill(proc.pid, sig)
         sent = time.monotonic()
@@ -110,43 +129,30 @@ def test_signal_stops_the_run_in_time_leaves_nothing_and_a_rerun_finishes(tmp_pa
         assert not set(processes(GUARD_MARK)) - guards_before, "a server toa started (the Prefect API) is still running"
         kept = recorded_calls(root)
         assert 3 <= kept < CALLS, kept
-
-        double.healed = True  # answers at once now
-        seen = len(double.requests)
-        rerun = toa_run(run_file)
-        out = rerun.communicate(timeout=300)[0].decode()
-        assert rerun.returncode == 0, out[-3000:]
-    made = sum(body.get("n", 1) for _, _, body in double.requests[seen:])
-    assert made == CALLS - kept  # the kept calls were replayed, none made again
-    attempts = query(Store(str(root)), "select count(*) as n, count(distinct call_key) as k from call_attempts")
-    assert attempts.rows() == [(CALLS, CALLS)]
+        rerun_makes_only_the_missing_calls(run_file, root, double, kept)
 
 
 @pytest.mark.integration
 def test_a_second_ctrl_c_exits_at_once_and_loses_no_finished_call(tmp_path):
     guards_before = set(processes(GUARD_MARK))
     with OpenAIDouble(KEY, slow_s=0.5) as double:
-        run_file = slow_run_file(tmp_path, double, "slow")
-        root = tmp_path / "results"
-        proc = toa_run(run_file)
-        wait_until(lambda: (root / "calls").exists() and recorded_calls(root) >= 3, 180, "the first calls", proc)
+        proc, run_file, root = start_mid_run(tmp_path, double)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(line.decode() for line in proc.stdout), daemon=True)
+        reader.start()
         os.killpg(proc.pid, signal.SIGINT)
-        time.sleep(0.3)  # the first stop is under way
+        # A second SIGINT sent before the first is handled would merge with it (signals do not queue).
+        wait_until(lambda: any("SIGINT: stopping" in line for line in lines), 10, "the first stop to begin")
         os.killpg(proc.pid, signal.SIGINT)
         sent = time.monotonic()
-        out = proc.communicate(timeout=30)[0].decode()
+        proc.wait(timeout=30)
+        reader.join(timeout=10)
+        out = "".join(lines)
         assert proc.returncode == 130, out[-3000:]
         assert time.monotonic() - sent < 5 and "exiting at once" in out
         assert not group_alive(proc.pid)
         wait_until(lambda: not set(processes(GUARD_MARK)) - guards_before, 10, "the Prefect API to be killed")
-        kept = recorded_calls(root)  # journal lines count: they survive the hard exit
-
-        double.healed = True
-        seen = len(double.requests)
-        rerun = toa_run(run_file)
-        out = rerun.communicate(timeout=300)[0].decode()
-        assert rerun.returncode == 0, out[-3000:]
-    assert sum(body.get("n", 1) for _, _, body in double.requests[seen:]) == CALLS - kept
+        rerun_makes_only_the_missing_calls(run_file, root, double, recorded_calls(root))  # journals survive
 
 
 @pytest.mark.integration

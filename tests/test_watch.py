@@ -63,3 +63,35 @@ def test_speed_is_not_judged_with_few_requests_or_when_fast():
     assert d.observe(40, load(1, 100)) is None  # one stream at 2.5 tokens/s: not judged
     d.observe(50, load(8, 100))
     assert d.observe(90, load(8, 4100)) is None  # 100 tokens/s
+
+
+def test_watchdog_records_from_the_engine_thread_reach_the_flow_runs_logs(prefect_api):
+    """The engine logs from its own thread, outside any Prefect context: route_toa_logs puts
+    those records in the flow run's logs (the Prefect UI), not only on a console."""
+    import logging
+    import threading
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.context import FlowRunContext
+    from prefect.logging.handlers import APILogWorker
+
+    from toa.tasks.logs import route_toa_logs
+
+    @flow
+    def watched():
+        with route_toa_logs():
+            thread = threading.Thread(target=lambda: logging.getLogger("toa.engine").warning("server 'x' is slow"))
+            thread.start()
+            thread.join()
+        logging.getLogger("toa.engine").warning("after the flow's sampling: not routed")
+        return FlowRunContext.get().flow_run.id
+
+    flow_run_id = watched()
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    messages = [log.message for log in logs]
+    assert "server 'x' is slow" in messages
+    assert not any("not routed" in m for m in messages)

@@ -74,13 +74,16 @@ def test_sft_and_dpo_from_the_dialogue_tree(optima_run):
         messages = json.loads(r["messages"])
         assert messages[0]["role"] == "user" and messages[-1]["role"] == "assistant"
     # Every branch point whose best and worst child differ by MARGIN (mean reward of the
-    # dialogues below, as stored on the tree nodes) gives exactly one DPO pair; none otherwise.
-    nodes = query(store, "select * from tree_nodes where run_id = ? and method = 'optima'", [run_id])
-    gaps = (nodes.filter(pl.col("kind") == "response").group_by("prompt_id", "parent_id")
-            .agg(n=pl.len(), gap=pl.col("value").max() - pl.col("value").min()).filter(pl.col("n") > 1))
+    # dialogues below, as stored on the tree nodes) and say different things (two samples of a
+    # tiny model are sometimes the same text) gives exactly one DPO pair; none otherwise.
+    nodes = query(store, """select n.*, s.text from tree_nodes n join samples s using (run_id, method, prompt_id, sample_id)
+                            where n.run_id = ? and n.method = 'optima'""", [run_id])
+    gaps = (nodes.filter(pl.col("kind") == "response").sort("value").group_by("prompt_id", "parent_id")
+            .agg(n=pl.len(), gap=pl.col("value").last() - pl.col("value").first(),
+                 same_text=pl.col("text").last() == pl.col("text").first()).filter(pl.col("n") > 1))
     dpo = query(store, "select * from dpo where run_id = ? and method = 'optima'", [run_id])
     assert gaps.height == len(PROMPTS) * 3  # root + the two first utterances branch, per prompt
-    assert dpo.height == gaps.filter(pl.col("gap") >= MARGIN).height
+    assert dpo.height == gaps.filter((pl.col("gap") >= MARGIN) & ~pl.col("same_text")).height
     assert ((dpo["chosen_reward"] - dpo["rejected_reward"]) >= MARGIN).all()
     assert first["datasets"]["optima"] == {"sft": sft.height, "dpo": dpo.height}
 

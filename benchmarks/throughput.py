@@ -1,4 +1,4 @@
-"""Throughput of toa against the raw server, in one run on one server (issue: targets b/a >= 0.95,
+"""Throughput of toa against the raw server, in one run on one server (targets b/a >= 0.95,
 c/a >= 0.90, rerun <= 2 % of the first run, orchestrator memory flat in the prompt count).
 
     python benchmarks/throughput.py [--prompts 64] [--n 4] [--max-tokens 64] [--concurrency 32]

@@ -16,15 +16,15 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from toa.flows.synthesize import resolve, toa
-from toa.tasks.evolve import evolve_step, record_iteration
-from toa.tasks.prompts import source_key
-from toa.tasks.servers import start_endpoints, stop_servers
+from prefect.runtime import flow_run
+from toa.flows.params import RunParameters, check_declares
+from toa.flows.synthesize import toa
+from toa.tasks.evolve import evolve_iteration, record_iteration
+from toa.tasks.plan import resolve
 
 from toa import templates
-from toa.evolve import EvolveConfig, step_done
+from toa.evolve import EvolveConfig
 from toa.evolve import evolve_id as make_evolve_id
-from toa.storage import Store
 
 
 def next_source(path: str, storage_options: dict[str, Any]) -> dict[str, Any]:
@@ -37,11 +37,12 @@ def next_source(path: str, storage_options: dict[str, Any]) -> dict[str, Any]:
 
 @flow(name="toa-evolve", log_prints=True)
 def toa_evolve(
-    config_file: str | None = None,
     iterations: int | None = None,
     evolve: dict[str, Any] | None = None,
+    config_file: str | None = None,
     methods: list[str] | None = None,
     n: int | None = None,
+    seed: int | None = None,
     prompts_path: str | None = None,
     limit: int | None = None,
     results_root: str | None = None,
@@ -49,21 +50,20 @@ def toa_evolve(
 ) -> dict[str, Any]:
     """Sample -> reward -> evolve -> sample again, `iterations` times. `evolve` holds
     toa.evolve.EvolveConfig fields (metric, fraction, evolutions, agent, evolved_share, ...);
-    the other parameters are the `toa` flow's."""
+    the other parameters are the `toa` flow's (flows/params.RunParameters)."""
     logger = get_run_logger()
-    base = {"methods": methods, "n": n, "prompts.path": prompts_path, "prompts.limit": limit,
-            "results_root": results_root, **(overrides or {})}
-    base = {k: v for k, v in base.items() if v is not None}
+    params = RunParameters(config_file=config_file, methods=methods, n=n, seed=seed, prompts_path=prompts_path,
+                           limit=limit, results_root=results_root, overrides=overrides)
+    base = params.overrides_for_config()
     cfg = EvolveConfig(**{**(evolve or {}), **({"iterations": iterations} if iterations else {})})
     run_cfg = resolve(config_file, base)
     first = toa(config_file=config_file, overrides=base)
     eid = make_evolve_id(first["run_id"], cfg)
-    store = Store(run_cfg.results_root, run_cfg.storage_options)
     sampled = max((row["prompts"] for row in first["summary"]), default=0)
     record_iteration(run_cfg, eid, 0, first["run_id"], run_cfg.prompts.path, {"prompts": sampled, "evolved": 0, "selected": 0})
     runs, run_id, step = [first], first["run_id"], None
     for i in range(1, cfg.iterations + 1):
-        step = _evolve(run_cfg, cfg, eid, i, run_id, store)
+        step = evolve_iteration(run_cfg, cfg, eid, i, run_id, flow_run.id)
         step_overrides = {**base, "prompts": next_source(step["path"], run_cfg.storage_options)}
         result = toa(config_file=config_file, overrides=step_overrides)
         run_cfg, run_id = resolve(config_file, step_overrides), result["run_id"]
@@ -75,18 +75,5 @@ def toa_evolve(
             "runs": runs, "templates": templates.hashes(templates.EVOLVE_NAMES)}
 
 
-def _evolve(run_cfg, cfg: EvolveConfig, eid: str, iteration: int, run_id: str, store: Store) -> dict[str, Any]:
-    """One evolve step; the evolving agent's server is started only when the step has work
-    left (a finished step reads its manifest)."""
-    prompt_source = source_key(run_cfg)
-    endpoints = None
-    if not step_done(store, eid, iteration, run_id):
-        alias = cfg.agent or run_cfg.agents[0].alias
-        agents = [a for a in run_cfg.agents if a.alias == alias]
-        if not agents:
-            raise ValueError(f"evolve agent {alias!r} is not one of the agents {[a.alias for a in run_cfg.agents]}")
-        endpoints = start_endpoints(agents, store.local_dir("logs"))
-    try:
-        return evolve_step(run_cfg, cfg, eid, iteration, run_id, prompt_source, endpoints)
-    finally:
-        stop_servers()
+check_declares(toa_evolve.fn, extra=("iterations", "evolve"))
+check_declares(toa.fn)

@@ -17,14 +17,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from toa.tasks.prompts import BatchRef
 
-from toa.config import RunConfig
-from toa.datasets import build_dpo, build_sft, dpo_jsonl, method_builder, sft_jsonl
+from toa.datasets import dpo_jsonl, sft_jsonl
 from toa.exports import dataset_card
+from toa.plan import RunPlan
 from toa.storage import Store
 
 
 @task(name="build-datasets", cache_policy=NO_CACHE)
-def build_datasets(cfg: RunConfig, run_id: str, batches: list[BatchRef]) -> dict[str, dict[str, int]]:
+def build_datasets(plan: RunPlan, batches: list[BatchRef]) -> dict[str, dict[str, int]]:
+    cfg, run_id = plan.cfg, plan.run_id
     store = Store(cfg.results_root, cfg.storage_options)
     out_dir = Path(store.local_dir("exports", f"run={run_id}"))
     counts = {}
@@ -35,7 +36,7 @@ def build_datasets(cfg: RunConfig, run_id: str, batches: list[BatchRef]) -> dict
         with (folder / "sft.jsonl").open("w", encoding="utf-8") as sft_out, \
                 (folder / "dpo.jsonl").open("w", encoding="utf-8") as dpo_out:
             for batch in batches:
-                sft, dpo = _build_batch(cfg, store, run_id, method, batch)
+                sft, dpo = _build_batch(plan, store, method, batch)
                 sft_out.write(sft_jsonl(sft))
                 dpo_out.write(dpo_jsonl(dpo))
                 counts[method]["sft"] += sft.height
@@ -44,16 +45,14 @@ def build_datasets(cfg: RunConfig, run_id: str, batches: list[BatchRef]) -> dict
     return counts
 
 
-def _build_batch(cfg: RunConfig, store: Store, run_id: str, method: str, batch: BatchRef) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """One batch's SFT and DPO rows, written as its shards (a rebuild overwrites them)."""
-    shard = f"{batch.key}.parquet"
+def _build_batch(plan: RunPlan, store: Store, method: str, batch: BatchRef) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """One batch's SFT and DPO rows by the method's own rule (best vs ranked; Optima: best
+    dialogue and branch-point pairs), written as its shards (a rebuild overwrites them)."""
+    run_id, shard = plan.run_id, f"{batch.key}.parquet"
     samples = store.read("samples", f"run={run_id}", f"method={method}", shard)
     prompts = store.read("prompts", f"source={batch.source}", shard)
-    own = method_builder(method, cfg.method_options.get(method, {}))
-    if own is not None:  # e.g. Optima: best dialogue / branch-point pairs
-        sft, dpo = own(samples, prompts, lambda table: store.read(table, f"run={run_id}", f"method={method}", shard))
-    else:
-        sft, dpo = build_sft(samples, prompts), build_dpo(samples, prompts, cfg.rejected_rank)
+    sft, dpo = plan.methods[method].datasets(samples, prompts, lambda table: store.read(table, f"run={run_id}", f"method={method}", shard),
+                                             plan.cfg.rejected_rank)
     store.write_frame(sft, store.path("sft", f"run={run_id}", f"method={method}", shard))
     store.write_frame(dpo, store.path("dpo", f"run={run_id}", f"method={method}", shard))
     return sft, dpo

@@ -3,7 +3,7 @@ event per finished (method, batch), and in-process listeners (the `toa run` prog
 
 Progress counts prompts per method: a run of 2 methods over 16 prompts has 32 to do. A batch
 counts when its task finishes; while it runs, the engine reports each prompt it finishes
-(toa.engine.PROMPT_HOOKS), which moves in-process listeners finer than a batch (the artifact
+(the sampling task hands the engine `prompt_done` for its batch), which moves in-process listeners finer than a batch (the artifact
 and events stay per batch, to keep API traffic small). A retried batch starts its count over.
 The ETA extrapolates from the prompts worked in this run; batches skipped because an earlier
 run finished them complete at once and would make the rate look absurd, so they don't count.
@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from toa import engine
 
 Unit = tuple[str, str]  # (method, batch key)
 
@@ -113,7 +112,7 @@ class Tracker:
 
 # In-process listeners (e.g. the CLI bar) and the trackers of runs going on in this process.
 _LISTENERS: list[Callable[[Snapshot], None]] = []
-_TRACKERS: list[Tracker] = []
+_TRACKERS: dict[str, Tracker] = {}  # run id -> the tracker of its running sampling
 _LOCK = threading.Lock()
 _NOTIFY_LOCK = threading.Lock()
 
@@ -141,14 +140,11 @@ def _notify(tracker: Tracker) -> None:
                 pass
 
 
-def _on_prompt(method: str, batch: str, done_in_attempt: int) -> None:
-    for tracker in _TRACKERS:
-        if tracker.prompt_done((method, batch), done_in_attempt):
-            _notify(tracker)
-
-
-if _on_prompt not in engine.PROMPT_HOOKS:
-    engine.PROMPT_HOOKS.append(_on_prompt)
+def prompt_done(run_id: str, method: str, batch: str, done_in_attempt: int) -> None:
+    """The engine's progress hook for a batch of `run_id` (toa.engine.run_batch `on_prompt`)."""
+    tracker = _TRACKERS.get(run_id)
+    if tracker is not None and tracker.prompt_done((method, batch), done_in_attempt):
+        _notify(tracker)
 
 
 class RunProgress:
@@ -159,7 +155,7 @@ class RunProgress:
         self.run_id = run_id
         self.tracker = Tracker({(m, b.key): b.size for m, b in units})
         with _LOCK:
-            _TRACKERS.append(self.tracker)
+            _TRACKERS[run_id] = self.tracker
         self.artifact_id = _create_artifact(run_id, self.tracker.snapshot())
         _notify(self.tracker)
 
@@ -178,8 +174,8 @@ class RunProgress:
 
     def close(self) -> None:
         with _LOCK:
-            if self.tracker in _TRACKERS:
-                _TRACKERS.remove(self.tracker)
+            if _TRACKERS.get(self.run_id) is self.tracker:
+                del _TRACKERS[self.run_id]
 
 
 def _create_artifact(run_id: str, snap: Snapshot):

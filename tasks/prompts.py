@@ -8,7 +8,7 @@ the prompts themselves, which keeps task parameters small in the Prefect UI.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import fsspec
 from prefect import get_run_logger, task
@@ -17,10 +17,12 @@ from prefect.cache_policies import NO_CACHE
 from toa.config import RunConfig
 from toa.errors import UserError
 from toa.prompts import display_name, iter_prompts
-from toa.rows import Prompt, SkippedRow, content_key
+from toa.rows import Prompt, PromptRow, SkippedRow, content_key
 from toa.storage import Store
 
 
+# Not a table, so not in toa.rows: a task parameter (which prompt shard a sampling task reads)
+# and an entry of the source's manifest.json; it never goes through rows.frame.
 @dataclass(frozen=True)
 class BatchRef:
     key: str  # hash of the batch's prompt ids: names its shards and its call cache partition
@@ -33,6 +35,24 @@ def source_key(cfg: RunConfig) -> str:
     info = fs.info(path)
     stamp = [info.get("size"), info.get("mtime") or info.get("LastModified") or info.get("ETag")]
     return content_key(cfg.prompts.fingerprint(), cfg.batch_size, str(stamp))[:16]
+
+
+def planned_batches(cfg: RunConfig) -> list[BatchRef]:
+    """The batches a run would get, writing nothing (`toa plan`): the stored manifest when the
+    source was loaded before, else the source read and cut into batches in memory."""
+    store = Store(cfg.results_root, cfg.storage_options)
+    source = source_key(cfg)
+    manifest = ("prompts", f"source={source}", "manifest.json")
+    if store.exists(*manifest):
+        return [BatchRef(**b) for b in store.read_json(*manifest)["batches"]]
+    prompts = [p for p in iter_prompts(cfg.prompts) if not isinstance(p, SkippedRow)]
+    chunks = [prompts[i:i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
+    return [BatchRef(key=batch_key(chunk), source=source, size=len(chunk)) for chunk in chunks]
+
+
+def batch_key(prompts: list[Prompt]) -> str:
+    """Names a batch's shards and its call cache partition: a hash of its prompt ids."""
+    return content_key([p.prompt_id for p in prompts])[:16]
 
 
 @task(name="load-prompts", cache_policy=NO_CACHE)
@@ -65,12 +85,12 @@ def load_prompt_batches(cfg: RunConfig) -> list[BatchRef]:
 
 
 def _write_batch(store: Store, source: str, prompts: list[Prompt]) -> BatchRef:
-    ref = BatchRef(key=content_key([p.prompt_id for p in prompts])[:16], source=source, size=len(prompts))
-    rows = [{**p.__dict__, "batch": ref.key} for p in prompts]
+    ref = BatchRef(key=batch_key(prompts), source=source, size=len(prompts))
+    rows = [PromptRow(**vars(p), batch=ref.key) for p in prompts]
     store.write_rows("prompts", rows, f"source={source}", f"{ref.key}.parquet")
     return ref
 
 
 def read_batch(store: Store, ref: BatchRef) -> list[Prompt]:
     df = store.read("prompts", f"source={ref.source}", f"{ref.key}.parquet")
-    return [Prompt(**{k: r[k] for k in ("prompt_id", "text", "reference", "source", "line")}) for r in df.iter_rows(named=True)]
+    return [Prompt(**{f.name: r[f.name] for f in fields(Prompt)}) for r in df.iter_rows(named=True)]

@@ -13,35 +13,40 @@ from prefect.cache_policies import NO_CACHE
 
 from toa import templates
 from toa.config import RunConfig
-from toa.db import query
+from toa.db import create_views, query
 from toa.report import build_report, publish_artifacts
 from toa.engine import BatchStats
+from toa.reward.config import build_backend
 from toa.servers import Endpoint
+from toa.sql import query_text
+from toa.rows import RunRecord
 from toa.storage import Store
 
 
 @task(name="record-run", cache_policy=NO_CACHE)
-def record_run(cfg: RunConfig, run_id: str, endpoints: dict[str, Endpoint], reward_id: str) -> None:
+def record_run(cfg: RunConfig, run_id: str, endpoints: dict[str, Endpoint]) -> None:
     store = Store(cfg.results_root, cfg.storage_options)
+    reward_id = build_backend(cfg.reward).identity
     started = time.time()
-    row = {
-        "run_id": run_id, "started_at": started,
-        "config_json": cfg.model_dump_json(),  # SecretStr fields dump as '**********'
-        "models_json": json.dumps({"agents": {a: e.identity for a, e in endpoints.items()},
-                                   "base_urls": {a: e.base_url for a, e in endpoints.items()},
-                                   # how each launched server computed: "auto" resolved on this machine
-                                   "launch": {a: {"device": e.device, "dtype": e.dtype, "cpus": e.cpus}
-                                              for a, e in endpoints.items() if e.device is not None},
-                                   "templates": templates.hashes()}),
-        "reward_id": reward_id,
-    }
+    row = RunRecord(
+        run_id=run_id, started_at=started,
+        config_json=cfg.model_dump_json(),  # SecretStr fields dump as '**********'
+        models_json=json.dumps({"agents": {a: e.identity for a, e in endpoints.items()},
+                                "base_urls": {a: e.base_url for a, e in endpoints.items()},
+                                # how each launched server computed: "auto" resolved on this machine
+                                "launch": {a: {"device": e.device, "dtype": e.dtype, "cpus": e.cpus}
+                                           for a, e in endpoints.items() if e.device is not None},
+                                "templates": templates.hashes()}),
+        reward_id=reward_id,
+    )
     store.write_rows("runs", [row], f"run={run_id}", f"{int(started * 1000)}.parquet")
+    create_views(store)  # queries (summarize, the report, `toa sql`) then only read the database
 
 
 @task(name="summarize", cache_policy=NO_CACHE)
 def summarize(cfg: RunConfig, run_id: str, stats: list[BatchStats]) -> list[dict]:
     store = Store(cfg.results_root, cfg.storage_options)
-    table = query(store, "SELECT * EXCLUDE (run_id) FROM method_summary WHERE run_id = ?", [run_id]).to_dicts()
+    table = query(store, query_text("report_summary"), [run_id]).to_dicts()
     for row in table:
         mine = [s for s in stats if s.method == row["method"]]
         row["new_calls"] = sum(s.calls_made for s in mine)

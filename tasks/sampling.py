@@ -7,14 +7,17 @@ recorded calls and makes only the failed ones again.
 
 from __future__ import annotations
 
+import functools
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from toa import stopping
-from toa.config import RunConfig
+from toa.plan import RunPlan
 from toa.engine import BatchStats, run_batch
 from toa.servers import Endpoint
 from toa.storage import Store
+from toa.tasks.progress import prompt_done
 from toa.tasks.prompts import BatchRef, read_batch
 
 
@@ -29,10 +32,10 @@ def _retry_unless_stopping(task, task_run, state) -> bool:
 
 @task(name="sample-batch", cache_policy=NO_CACHE, retry_delay_seconds=[5, 30, 60],
       retry_condition_fn=_retry_unless_stopping, task_run_name="{method}-{batch.key}")
-def sample_batch(cfg: RunConfig, endpoints: dict[str, Endpoint], run_id: str, method: str,
-                 batch: BatchRef) -> BatchStats:
-    prompts = read_batch(Store(cfg.results_root, cfg.storage_options), batch)
-    stats = run_batch(cfg, endpoints, run_id, method, batch.key, prompts)
+def sample_batch(plan: RunPlan, endpoints: dict[str, Endpoint], method: str, batch: BatchRef,
+                 owner: str = "") -> BatchStats:
+    prompts = read_batch(Store(plan.cfg.results_root, plan.cfg.storage_options), batch)
+    stats = run_batch(plan, endpoints, method, batch.key, prompts, owner, functools.partial(prompt_done, plan.run_id))
     logger = get_run_logger()
     if stats.skipped:
         logger.info("%s batch %s already done: skipped", method, batch.key)

@@ -1,12 +1,14 @@
 """Model-server lifecycle tasks: launch (vLLM), attach (endpoint or block), stop.
 
-A launched server's handle stays in this process (a Popen cannot travel as a task result);
-the flow calls `stop_servers()` in a `finally`, so the process groups are stopped even when
-the flow fails or is asked to stop.
+A launched server's handle stays in this process (a Popen cannot travel as a task result),
+filed under its owner, the flow run that started it: the flow calls `stop_servers(owner)` in a
+`finally`, so its process groups are stopped even when it fails or is asked to stop, and two
+flow runs in one worker process never stop each other's servers.
 """
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,20 +16,23 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from toa import stopping
-from toa.config import AgentConfig
+from toa.config import AgentConfig, RunConfig
 from toa.servers import Endpoint, ServerHandle, attach, start_vllm
 from toa.servers.attach import probe
 from toa.servers.machine import cpu_info, likely_causes
+from toa.storage import Store
 
-_RUNNING: list[ServerHandle] = []
+_RUNNING: dict[str, list[ServerHandle]] = {}  # owner (flow run id) -> servers it launched
+_RUNNING_LOCK = threading.Lock()
 SLOW_PROBE_TOKENS_PER_S = 2.0  # one stream, prefill included: below this a run will crawl
 STOP_TIMEOUT_S, STOPPING_TIMEOUT_S = 30.0, 5.0  # a stopping run has no requests left to drain
 
 
 @task(name="launch-server", cache_policy=NO_CACHE, task_run_name="launch-{agent.alias}")
-def launch_server(agent: AgentConfig, log_dir: str) -> Endpoint:
+def launch_server(agent: AgentConfig, log_dir: str, owner: str) -> Endpoint:
     handle = start_vllm(agent.alias, agent.launch, Path(log_dir))
-    _RUNNING.append(handle)
+    with _RUNNING_LOCK:
+        _RUNNING.setdefault(owner, []).append(handle)
     ep, logger = handle.endpoint, get_run_logger()
     logger.info("%s: vLLM on %s, dtype %s%s, %s; first generation %.1f tokens/s (one stream)", agent.alias,
                 ep.device, ep.dtype, _dtype_why(agent), _cores(ep), handle.tokens_per_s or 0.0)
@@ -64,22 +69,26 @@ def attach_endpoint(agent: AgentConfig) -> Endpoint:
     return endpoint
 
 
-def start_endpoints(agents: list[AgentConfig], log_dir: str) -> dict[str, Endpoint]:
-    """Attach every attached agent first (a wrong URL or key fails in a second, before any
-    server is started for nothing), then launch the others concurrently; {alias: Endpoint}."""
+def start_endpoints(cfg: RunConfig, owner: str, agents: list[AgentConfig] | None = None) -> dict[str, Endpoint]:
+    """The endpoints of `agents` (default: the run's): attach every attached agent first (a
+    wrong URL or key fails in a second, before any server is started for nothing), then launch
+    the others concurrently, logging to the results root's logs/; {alias: Endpoint}."""
+    agents = cfg.agents if agents is None else agents
+    log_dir = Store(cfg.results_root, cfg.storage_options).local_dir("logs")
     attached = {a.alias: attach_endpoint.submit(a) for a in agents if not a.launch}
     endpoints = {alias: f.result() for alias, f in attached.items()}
     stopping.check("server start")
-    launched = {a.alias: launch_server.submit(a, log_dir) for a in agents if a.launch}
+    launched = {a.alias: launch_server.submit(a, log_dir, owner) for a in agents if a.launch}
     for f in launched.values():  # all settled before any error is raised: none starts unseen
         f.wait()
     endpoints |= {alias: f.result() for alias, f in launched.items()}
     return {a.alias: endpoints[a.alias] for a in agents}
 
 
-def stop_servers() -> None:
-    """Stop every server this process launched, all at once (each drains, then is killed)."""
-    handles, _RUNNING[:] = list(_RUNNING), []
+def stop_servers(owner: str) -> None:
+    """Stop every server `owner` launched, all at once (each drains, then is killed)."""
+    with _RUNNING_LOCK:
+        handles = _RUNNING.pop(owner, [])
     timeout = STOPPING_TIMEOUT_S if stopping.requested() else STOP_TIMEOUT_S
     if handles:
         with ThreadPoolExecutor(len(handles)) as pool:

@@ -1,4 +1,7 @@
-"""Shared fixtures. `prefect_api` gives integration tests a real (temporary, local) Prefect API."""
+"""Shared fixtures. `prefect_api` gives integration tests a real (temporary, local) Prefect API.
+
+Plain helpers that test modules import live in helpers.py (and fakes.py), never here: test
+modules do not import conftest or each other."""
 
 from __future__ import annotations
 
@@ -9,6 +12,21 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Fixtures that start real servers (vLLM CPU, a Prefect API or a deployment). A test that uses one
+# (directly or through another fixture) must be marked `integration`, so that
+# `pytest -m "not integration"` stays fast; an unmarked one fails here, before any server starts.
+INTEGRATION_FIXTURES = frozenset({"prefect_api", "embedded_servers", "local_deployment",
+                                  "vllm_python", "smollm2_server", "gemma_server"})  # last 3: test_servers.py
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    used = INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+    if used and item.get_closest_marker("integration") is None:
+        pytest.fail(f"{item.nodeid} uses {sorted(used)} (starts real servers) but is not marked "
+                    "@pytest.mark.integration; mark it (or its module: pytestmark = pytest.mark.integration)",
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -44,31 +62,6 @@ def embedded_servers(tmp_path_factory):
             h.stop()
 
 
-def attached_agents(endpoints, max_tokens: int = 32, key_env: bool = False) -> list[dict]:
-    """Agent configs that attach to running endpoints (key inline, or via TOA_TEST_KEY_<ALIAS>)."""
-    agents = []
-    for alias, ep in endpoints.items():
-        endpoint = {"base_url": ep.base_url, "model": ep.model}
-        if key_env:
-            endpoint["api_key_env"] = f"TOA_TEST_KEY_{alias.upper()}"
-        else:
-            endpoint["api_key"] = ep.api_key.get_secret_value()
-        agents.append({"alias": alias, "endpoint": endpoint, "sampling": {"max_tokens": max_tokens}})
-    return agents
-
-
-def launched_run_file(tmp_path, alias: str):
-    """A run file that launches one real vLLM CPU server (embedded SmolLM2) for a tiny run of 2
-    prompts: (run file, results root). The alias names the server's processes for the test."""
-    import json
-
-    root = tmp_path / "results"
-    run_file = tmp_path / "run.toml"
-    run_file.write_text("\n".join([
-        f"results_root = {json.dumps(str(root))}", 'methods = ["random"]', "n = 1", "[prompts]", "limit = 2",
-        "[[agents]]", f'alias = "{alias}"', "[agents.launch]", 'model = "embedded:smollm2-135m-instruct"',
-        "[agents.sampling]", "max_tokens = 16"]) + "\n")
-    return run_file, root
 
 
 @pytest.fixture(scope="session")
@@ -94,10 +87,3 @@ def local_deployment(tmp_path_factory):
         yield {"env": env, "api_url": env["PREFECT_API_URL"], "script": script}
     finally:
         subprocess.run(["bash", str(script), "down"], env=env, capture_output=True, timeout=120)
-
-
-def prefect_at(api_url: str):
-    """Settings context that points this process's Prefect client at `api_url`."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    return temporary_settings({PREFECT_API_URL: api_url})

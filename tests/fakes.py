@@ -1,6 +1,6 @@
 """Deterministic in-process fakes of a method's `generate` and `reward` callables, shared by
 the method and tree-view unit tests. The generator reproduces the conformance mock of
-methods.md §5: reply k (1-based per prompt) has raw reward base[agent] + 0.05 if refined +
+docs/methods.md §5.11: reply k (1-based per prompt) has raw reward base[agent] + 0.05 if refined +
 ((k*37 mod 11) - 5)/100, encoded in the text, which FakeReward reads back."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The analysis views (sql/analysis.sql) on a hand-built run, against a real DuckDB.
 
-The run (`write_run`, also used by the report and export tests), rewards in generation order:
+The run (`write_run` in helpers.py, also used by the report and export tests), rewards in generation order:
     random  p1: a 0.5, b 0.1, a 0.9, b <call failed>      p2: a 0.4, b 0.4 (a tie)
     toa     p1: a 0.3 -> b 0.6 (refines it) -> a 0.2 (refines 0.6); b 0.7 (refines 0.3)
             p2: the method raised (a method_error row)
@@ -9,78 +9,12 @@ Every successful generation costs 10 + 5 tokens, the failed one 0. Budget: n=2 x
 
 from __future__ import annotations
 
-import json
-
-import polars as pl
 import pytest
+from helpers import sample, write_run
 
-from toa.datasets import build_dpo, build_sft
 from toa.db import connect, query
 from toa.rows import frame
 from toa.storage import Store
-
-CONFIG = {"name": "demo", "n": 2, "agents": [{"alias": "a"}, {"alias": "b"}], "methods": ["random", "toa"]}
-PROMPTS = {"p1": "What is 2 + 2?", "p2": "Name a colour."}
-REJECTED_RANK = 3
-
-
-def sample(run_id, method, prompt, sid, order, agent, reward, *, parent=None, depth=0, latency=1.0,
-           cached=False, failed=False, action=None):
-    ok = not failed
-    return {"run_id": run_id, "method": method, "batch": "b0", "prompt_id": prompt, "sample_id": sid,
-            "order": order, "agent": agent, "action": action or agent, "parent_id": parent, "depth": depth,
-            "text": f"answer {sid}" if ok else None, "finish_reason": "stop" if ok else None,
-            "prompt_tokens": 10 if ok else 0, "completion_tokens": 5 if ok else 0, "latency_s": latency,
-            "cached": cached, "status": "ok" if ok else "error", "error": None if ok else "boom",
-            "reward": reward, "reward_status": "ok" if ok else "error", "reward_error": None}
-
-
-def run_samples(run_id: str) -> list[dict]:
-    r, t = "random", "toa"
-    return [
-        sample(run_id, r, "p1", "r1", 0, "a", 0.5, latency=1.0),
-        sample(run_id, r, "p1", "r2", 1, "b", 0.1),
-        sample(run_id, r, "p1", "r3", 2, "a", 0.9, latency=3.0),
-        sample(run_id, r, "p1", "r4", 3, "b", None, failed=True),
-        sample(run_id, r, "p2", "r5", 0, "a", 0.4, latency=2.0, cached=True),
-        sample(run_id, r, "p2", "r6", 1, "b", 0.4),
-        sample(run_id, t, "p1", "t1", 0, "a", 0.3, depth=2),
-        sample(run_id, t, "p1", "t2", 1, "b", 0.6, parent="t1", depth=4),
-        sample(run_id, t, "p1", "t3", 2, "a", 0.2, parent="t2", depth=6),
-        sample(run_id, t, "p1", "t4", 3, "b", 0.7, parent="t1", depth=4),
-        sample(run_id, t, "p2", "method-error:p2", -1, "", None, failed=True, action="method_error"),
-    ]
-
-
-def call(key, status, created):
-    return {"call_key": key, "prompt_id": "p1", "agent": "b", "model": "m", "request_json": "{}", "seed": 0,
-            "slot": 0, "text": "x" if status == "ok" else None, "prompt_tokens": 10, "completion_tokens": 5,
-            "latency_s": 0.5 * created, "status": status, "error": None if status == "ok" else "boom",
-            "created_at": float(created)}
-
-
-def write_run(store: Store, run_id: str = "run1", with_runs_row: bool = True) -> None:
-    """Every table the views read, for one run, as the flow would shard it."""
-    samples = frame("samples", run_samples(run_id))
-    prompts = frame("prompts", [{"prompt_id": p, "text": t, "source": "s", "line": i, "batch": "b0"}
-                                for i, (p, t) in enumerate(PROMPTS.items(), 1)])
-    store.write_frame(samples, store.path("samples", f"run={run_id}", "b0.parquet"))
-    store.write_frame(prompts, store.path("prompts", "source=s", "b0.parquet"))
-    nodes = [{"run_id": run_id, "method": "toa", "batch": "b0", "prompt_id": "p1", "node_id": f"n{i}",
-              "parent_id": None if i == 0 else "n0", "kind": "root" if i == 0 else "agent", "agent": None,
-              "depth": 0 if i == 0 else 1, "visits": 1, "value": None, "n_values": 0, "sample_id": None,
-              "created": i} for i in range(3)]
-    store.write_frame(frame("tree_nodes", nodes), store.path("tree_nodes", f"run={run_id}", "b0.parquet"))
-    # b's failed sample r4 took two failed attempts; r2 one good one (a's calls are not stored)
-    calls = [call("r4", "error", 1), call("r4", "error", 2), call("r2", "ok", 3)]
-    store.write_frame(frame("calls", calls), store.path("calls", "batch=b0", f"{run_id}.parquet"))
-    if with_runs_row:
-        store.write_rows("runs", [{"run_id": run_id, "started_at": 1.0, "config_json": json.dumps(CONFIG),
-                                   "models_json": "{}", "reward_id": "rm"}], f"run={run_id}", "1.parquet")
-    for method in ("random", "toa"):
-        mine = samples.filter(pl.col("method") == method)
-        store.write_frame(build_sft(mine, prompts), store.path("sft", f"run={run_id}", f"{method}.parquet"))
-        store.write_frame(build_dpo(mine, prompts, REJECTED_RANK), store.path("dpo", f"run={run_id}", f"{method}.parquet"))
 
 
 @pytest.fixture(scope="module")

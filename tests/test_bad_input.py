@@ -1,4 +1,4 @@
-"""Bad input (issue 5, item 9): each case ends in a clear message naming what to fix, or in a
+"""Bad input: each case ends in a clear message naming what to fix, or in a
 recorded row error, and nothing good is lost with it.
 
 The prompt reader's row checks (every bad kind, both on_bad_row modes, CSV and Parquet) are in
@@ -138,9 +138,10 @@ def test_prompt_longer_than_the_context_is_a_row_error_and_the_batch_goes_on(emb
     """A real vLLM server (max_model_len 2048) answers 400 to an over-long prompt: that call is
     not retried, its samples are error rows with the server's reason, the other prompt of the
     batch is sampled as usual, and nothing is marked done."""
-    from conftest import attached_agents
+    from helpers import attached_agents
 
     from toa.engine import close_engines, run_batch
+    from toa.plan import RunPlan
     from toa.rows import Prompt
 
     cfg = load_config(overrides={
@@ -148,7 +149,7 @@ def test_prompt_longer_than_the_context_is_a_row_error_and_the_batch_goes_on(emb
         "n": 2, "results_root": str(tmp_path), "reward": {"kind": "custom", "function": "openai_double:length"}})
     prompts = [Prompt("short", "Name a colour."), Prompt("long", "word " * 5000)]
     try:
-        stats = run_batch(cfg, dict(embedded_servers), "r1", "random", "b0", prompts)
+        stats = run_batch(RunPlan(cfg, cfg.method_objects, "r1"), dict(embedded_servers), "random", "b0", prompts)
     finally:
         close_engines()
     store = Store(str(tmp_path))
@@ -161,7 +162,7 @@ def test_prompt_longer_than_the_context_is_a_row_error_and_the_batch_goes_on(emb
     assert not store.exists("done", "run=r1", "method=random", "b0.json")
 
 
-# -- the command line: one message, exit status 2, no traceback (issue 11, item 8) ---------------
+# -- the command line: one message, exit status 2, no traceback ----------------
 def toa_cli(*argv: str, cwd: Path) -> tuple[int, str]:
     """`toa` as a user runs it: its own process, its own output."""
     import subprocess

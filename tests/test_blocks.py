@@ -10,6 +10,7 @@ from toa.blocks import ModelEndpoint, ResultsLocation, RewardModel
 from toa.blocks.resolve import resolve_blocks
 
 from toa.config import ConfigError, load_config
+from toa.plan import run_id
 from toa.storage import Store
 
 
@@ -22,6 +23,7 @@ def saved_blocks(prefect_api):
     return True
 
 
+@pytest.mark.integration
 def test_reward_block_resolves_to_the_inline_config(saved_blocks):
     cfg = resolve_blocks(load_config(None, {"reward.block": "t-judge", "reward.retries": 5}))
     inline = load_config(None, {"reward": {"kind": "judge", "max_concurrency": 3, "retries": 5,
@@ -29,7 +31,7 @@ def test_reward_block_resolves_to_the_inline_config(saved_blocks):
     assert cfg.reward.kind == "judge" and cfg.reward.block is None
     assert cfg.reward.endpoint.api_key.get_secret_value() == "sk-judge-secret"
     assert cfg.reward.retries == 5 and cfg.reward.max_concurrency == 3  # fields beside the block win
-    assert cfg.run_id() == inline.run_id()  # the fingerprint is the reward's, not the block name's
+    assert run_id(cfg) == run_id(inline)  # the fingerprint is the reward's, not the block name's
     assert "sk-judge-secret" not in cfg.model_dump_json()
 
 
@@ -40,6 +42,7 @@ def test_a_block_kind_is_not_checked_before_resolution():
         load_config(None, {"reward.kind": "judge"})
 
 
+@pytest.mark.integration
 def test_results_block_supplies_root_and_secret_options(saved_blocks):
     cfg = resolve_blocks(load_config(None, {"results_block": "t-results", "storage_options": {"extra": 1}}))
     assert cfg.results_root == "memory://toa-block-test/results"
@@ -48,9 +51,10 @@ def test_results_block_supplies_root_and_secret_options(saved_blocks):
     assert "tok-secret" not in cfg.model_dump_json() and "tok-secret" not in repr(cfg)
     store = Store(cfg.results_root, cfg.storage_options)  # unwrapped only to open the filesystem
     assert store.fs.storage_options["token"] == "tok-secret"
-    assert cfg.run_id() == load_config(None, {}).run_id()  # where results go is operational
+    assert run_id(cfg) == run_id(load_config(None, {}))  # where results go is operational
 
 
+@pytest.mark.integration
 def test_missing_block_is_a_config_error_naming_it(saved_blocks):
     with pytest.raises(ConfigError, match=r"reward.block 'nope'.*RewardModel"):
         resolve_blocks(load_config(None, {"reward.block": "nope"}))
@@ -58,12 +62,14 @@ def test_missing_block_is_a_config_error_naming_it(saved_blocks):
         resolve_blocks(load_config(None, {"results_block": "gone"}))
 
 
+@pytest.mark.integration
 def test_invalid_reward_block_names_the_block_and_field(saved_blocks):
     RewardModel(kind="judge", base_url="http://judge:8000/v1").save("t-judge-no-model", overwrite=True)
     with pytest.raises(ConfigError, match=r"t-judge-no-model.*endpoint.model"):
         resolve_blocks(load_config(None, {"reward.block": "t-judge-no-model"}))
 
 
+@pytest.mark.integration
 def test_secrets_are_obfuscated_in_the_api(saved_blocks):
     from prefect.client.orchestration import get_client
 
@@ -75,6 +81,7 @@ def test_secrets_are_obfuscated_in_the_api(saved_blocks):
     assert RewardModel.load("t-judge").api_key.get_secret_value() == "sk-judge-secret"
 
 
+@pytest.mark.integration
 def test_endpoint_block_gives_an_attach_spec(prefect_api):
     ModelEndpoint(base_url="http://h:1/v1", model="m", api_key="k-1").save("t-ep", overwrite=True)
     spec = ModelEndpoint.load("t-ep").attach_spec()

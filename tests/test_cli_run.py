@@ -1,4 +1,4 @@
-"""`toa run` as a newcomer meets it (issue 11): a launched vLLM CPU server with dtype "auto" and
+"""`toa run` as a newcomer meets it: a launched vLLM CPU server with dtype "auto" and
 cores assigned by toa, the temporary Prefect API, and output that a terminal or a CI log can
 read. The summary formatting is checked on its own first."""
 
@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import launched_run_file
+from helpers import launched_run_file
 
 from toa.cli import format_summary
 from toa.db import query
@@ -40,6 +40,7 @@ def test_summary_fits_the_terminal_dropping_columns_from_the_right(width):
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(1200)  # the launched run may take 900 s
 def test_a_launched_run_resolves_dtype_and_cores_and_records_them(tmp_path):
     alias = "cli-smollm2"
     run_file, root = launched_run_file(tmp_path, alias)

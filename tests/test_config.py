@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from toa.config import ConfigError, load_config
+from toa.plan import run_id
 
 
 def test_defaults_are_the_embedded_cpu_run():
@@ -60,21 +61,21 @@ def test_unknown_method_and_duplicate_alias():
 
 
 def test_fingerprint_follows_result_fields_only():
-    base = load_config().run_id()
+    base = run_id(load_config())
     same = [{"results_root": "/elsewhere"}, {"prompt_concurrency": 3}, {"task_retries": 0}, {"name": "nightly"}]
     for ov in same:
-        assert load_config(overrides=ov).run_id() == base, ov
+        assert run_id(load_config(overrides=ov)) == base, ov
     changed = [{"n": 3}, {"seed": 1}, {"methods": ["random"]}, {"reward.kind": "math"}, {"prompts.limit": 4}]
     for ov in changed:
-        assert load_config(overrides=ov).run_id() != base, ov
+        assert run_id(load_config(overrides=ov)) != base, ov
 
 
 def test_agent_operational_fields_do_not_change_the_fingerprint():
     def agents(**extra):
         return [{"alias": "a", "endpoint": {"base_url": "http://127.0.0.1:1/v1", "model": "m"}, **extra}]
-    base = load_config(overrides={"agents": agents()}).run_id()
-    assert load_config(overrides={"agents": agents(max_concurrency=2, timeout_s=5, retries=0)}).run_id() == base
-    assert load_config(overrides={"agents": agents(sampling={"temperature": 0.1})}).run_id() != base
+    base = run_id(load_config(overrides={"agents": agents()}))
+    assert run_id(load_config(overrides={"agents": agents(max_concurrency=2, timeout_s=5, retries=0)})) == base
+    assert run_id(load_config(overrides={"agents": agents(sampling={"temperature": 0.1})})) != base
 
 
 def test_secrets_never_enter_the_fingerprint_or_the_dump():

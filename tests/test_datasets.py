@@ -1,21 +1,22 @@
-"""SFT/DPO assembly (methods.md §7) on hand-built sample tables."""
+"""SFT/DPO assembly (docs/methods.md §7) on hand-built sample tables."""
 
 from __future__ import annotations
 
 import json
 
+from helpers import prompt_row_dict, sample_row_dict
 
 from toa.datasets import build_dpo, build_sft, dpo_jsonl, sft_jsonl
 from toa.rows import frame
 
 
 def sample(prompt_id, order, reward, agent="a", status="ok", reward_status="ok", text=None, method="m"):
-    return {"run_id": "r", "method": method, "batch": "b", "prompt_id": prompt_id, "sample_id": f"{prompt_id}-{order}",
-            "order": order, "agent": agent, "action": agent, "depth": 0, "text": text or f"{prompt_id} answer {order}",
-            "prompt_tokens": 3, "completion_tokens": 5, "status": status, "reward": reward, "reward_status": reward_status}
+    return sample_row_dict(run_id="r", method=method, batch="b", prompt_id=prompt_id, sample_id=f"{prompt_id}-{order}",
+                           order=order, agent=agent, action=agent, depth=0, text=text or f"{prompt_id} answer {order}",
+                           prompt_tokens=3, completion_tokens=5, status=status, reward=reward, reward_status=reward_status)
 
 
-PROMPTS = frame("prompts", [{"prompt_id": "p", "text": "Q?"}, {"prompt_id": "q", "text": "R?"}])
+PROMPTS = frame("prompts", [prompt_row_dict(prompt_id="p", text="Q?"), prompt_row_dict(prompt_id="q", text="R?")])
 
 
 def test_sft_takes_best_first_on_ties_and_ignores_errors():

@@ -15,12 +15,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from conftest import prefect_at
+from helpers import prefect_at
 
 from toa.db import query
 from toa.storage import Store
 
-pytestmark = pytest.mark.integration
+# local.sh up may take 600 s (once), a deployment run up to 600 s
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 PROJECT = Path(__file__).resolve().parents[1]
 N_PROMPTS = 2

@@ -1,4 +1,4 @@
-"""`toa doctor` (issue 11, item 5): it describes the machine, what is installed and what the run
+"""`toa doctor` (docs/design.md §6): it describes the machine, what is installed and what the run
 will do, and exits non-zero with the fix when something will not work. Made-up CPUs and an
 empty TOA_HOME stand for the machines this one is not; `--probe` runs the real servers."""
 
@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from test_machine import AMD_EPYC_AVX2, fake_cpu
+from helpers import AMD_EPYC_AVX2, fake_cpu
 
 from toa.config import load_config
 from toa.doctor import diagnose
@@ -71,6 +71,7 @@ def test_doctor_exit_status_is_1_on_a_problem(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(1200)  # the probe may take 900 s
 def test_probe_starts_the_servers_as_the_run_would_and_times_them():
     proc = subprocess.run([sys.executable, "-m", "toa.cli", "doctor", "--probe"], capture_output=True,
                           text=True, timeout=900)

@@ -5,10 +5,12 @@ fake rewriter, and mixing."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import re
 
 import pytest
+from helpers import sample_row_dict
 
 from toa import templates
 from toa.db import query
@@ -25,7 +27,7 @@ from toa.evolve import (
     reject_reason,
     select_informative,
 )
-from toa.rows import ERROR, Generation, Prompt, content_key
+from toa.rows import ERROR, Generation, Prompt, PromptRow, content_key
 from toa.storage import Store
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -44,9 +46,9 @@ def test_informativeness_metrics():
 
 
 def _sample(run_id, prompt_id, i, reward, status="ok", reward_status="ok"):
-    return {"run_id": run_id, "method": "random", "batch": "b", "prompt_id": prompt_id, "sample_id": f"{prompt_id}-{i}",
-            "order": i, "agent": "a", "action": "a", "depth": 0, "text": "t", "status": status,
-            "reward": reward, "reward_status": reward_status, "prompt_tokens": 1, "completion_tokens": 1}
+    return sample_row_dict(run_id=run_id, method="random", batch="b", prompt_id=prompt_id, sample_id=f"{prompt_id}-{i}",
+                           order=i, agent="a", action="a", depth=0, text="t", status=status,
+                           reward=reward, reward_status=reward_status, prompt_tokens=1, completion_tokens=1)
 
 
 def test_sql_view_matches_python(tmp_path):
@@ -232,7 +234,7 @@ def test_run_step_writes_provenance_and_next_set_then_replays(tmp_path, monkeypa
     store = Store(str(tmp_path))
     prompts = [Prompt(f"p{i}", f"Prompt number {i}: explain topic {i} to a student.", f"ref {i}", "src.jsonl", i + 1)
                for i in range(4)]
-    store.write_rows("prompts", [{**p.__dict__, "batch": "b"} for p in prompts], "source=s1", "b.parquet")
+    store.write_rows("prompts", [PromptRow(**dataclasses.asdict(p), batch="b") for p in prompts], "source=s1", "b.parquet")
     store.write_rows("samples", [_sample("r0", p.prompt_id, i, 0.1 * i * (j + 1))
                                  for j, p in enumerate(prompts) for i in range(3)], "run=r0", "method=random", "b.parquet")
     fake = FakeRewriter()

@@ -5,7 +5,7 @@ provenance are queryable, the second iteration samples them, and a rerun makes n
 from __future__ import annotations
 
 import pytest
-from conftest import attached_agents
+from helpers import attached_agents
 
 from toa.db import query
 from toa.storage import Store

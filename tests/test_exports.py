@@ -6,7 +6,7 @@ import json
 
 import polars as pl
 import pytest
-from test_analysis_sql import CONFIG, PROMPTS, write_run  # the hand-built run the views are tested on
+from helpers import CONFIG, PROMPTS, write_run  # the hand-built run of the views
 
 from toa.exports import SFT_EXPORT_SCHEMA, export_run
 from toa.storage import Store

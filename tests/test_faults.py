@@ -1,5 +1,5 @@
-"""Faults (issue 5, item 8): what toa does when the process dies, a model server misbehaves, or
-the reward backend raises. Each test checks the promise of design.md's invariants 1-3: nothing
+"""Faults (docs/design.md §4.1-§4.3): what toa does when the process dies, a model server misbehaves, or
+the reward backend raises. Each test checks the promise of docs/design.md §4.1-§4.3: nothing
 recorded twice, nothing lost beyond the calls in flight, errors are rows with messages (never a
 silent score), and a later run fills exactly what failed.
 
@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import call_row
 from openai_double import FLAKY, OpenAIDouble
 
 from toa.db import query
@@ -41,6 +42,7 @@ def double_agents(double: OpenAIDouble, modes: dict[str, str], **extra) -> list[
 def test_raising_reward_is_recorded_retried_and_never_a_silent_score(tmp_path):
     from toa.config import load_config
     from toa.engine import close_engines, run_batch
+    from toa.plan import RunPlan
     from toa.prompts import iter_prompts
     from toa.servers import attach
 
@@ -54,7 +56,7 @@ def test_raising_reward_is_recorded_retried_and_never_a_silent_score(tmp_path):
         prompts = list(iter_prompts(cfg.prompts))
         store = Store(str(tmp_path))
         try:
-            broken = run_batch(cfg, endpoints, "r1", "random", "b0", prompts)
+            broken = run_batch(RunPlan(cfg, cfg.method_objects, "r1"), endpoints, "random", "b0", prompts)
             # Always raising: every response is a row with the error, no value, and no done marker.
             samples = query(store, "select * from samples")
             assert broken.reward_errors == 4 and broken.failed and samples.height == 4
@@ -70,7 +72,7 @@ def test_raising_reward_is_recorded_retried_and_never_a_silent_score(tmp_path):
             # Transient: the backend fails once more, then works; the rerun retries the failed
             # rewards (errors are not served from the record) and replays the model calls.
             FLAKY.update(broken=False, failures_left=1, calls=0)
-            fixed = run_batch(cfg, endpoints, "r1", "random", "b0", prompts)
+            fixed = run_batch(RunPlan(cfg, cfg.method_objects, "r1"), endpoints, "random", "b0", prompts)
             assert not fixed.failed and fixed.calls_made == 0 and fixed.cached == 4
             samples = query(store, "select * from samples")
             assert set(samples["reward_status"]) == {"ok"} and samples["reward"].null_count() == 0
@@ -82,19 +84,13 @@ def test_raising_reward_is_recorded_retried_and_never_a_silent_score(tmp_path):
 
 
 # -- the call journal: a kill loses only the calls in flight ---------------------------------------
-def _call(key: str, t: float = 1.0) -> dict:
-    return {"call_key": key, "prompt_id": "p", "agent": "a", "model": "m", "request_json": "{}", "seed": 1,
-            "slot": 0, "text": "hi", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1,
-            "latency_s": 0.1, "status": "ok", "error": None, "created_at": t}
-
-
 def test_rows_of_a_killed_writer_are_recovered_once_and_live_journals_are_left_alone(tmp_path):
     from toa.storage import ShardWriter
 
     # A writer in another process appends three rows (never flushed) and is killed with -9.
-    code = ("import os, signal, sys; sys.path[:0] = [sys.argv[1]]; from test_faults import _call; "
+    code = ("import os, signal, sys; sys.path[:0] = [sys.argv[1]]; from helpers import call_row; "
             "from toa.storage import Store, ShardWriter; w = ShardWriter(Store(sys.argv[2]), 'calls', 'batch=b', "
-            "flush_s=1e9); [w.append(_call(f'k{i}', float(i))) for i in range(3)]; os.kill(os.getpid(), signal.SIGKILL)")
+            "flush_s=1e9); [w.append(call_row(f'k{i}', float(i))) for i in range(3)]; os.kill(os.getpid(), signal.SIGKILL)")
     proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(tmp_path)])
     assert proc.returncode == -signal.SIGKILL
     store = Store(str(tmp_path))
@@ -102,13 +98,13 @@ def test_rows_of_a_killed_writer_are_recovered_once_and_live_journals_are_left_a
     live = ShardWriter(store, "calls", "batch=b", flush_s=1e9)  # the next writer recovers them
     assert sorted(store.read("calls")["call_key"]) == ["k0", "k1", "k2"]
     assert list(tmp_path.rglob("journal-*.jsonl")) == []
-    live.append(_call("k3", 3.0))  # a live writer's journal is not taken by a second writer
+    live.append(call_row("k3", 3.0))  # a live writer's journal is not taken by a second writer
     ShardWriter(store, "calls", "batch=b")
     assert store.read("calls").height == 3
     live.flush()
     assert sorted(store.read("calls")["call_key"]) == ["k0", "k1", "k2", "k3"]
     # Killed between writing a shard and removing its journal: nothing is written twice.
-    (tmp_path / "calls" / "batch=b" / "journal-x.jsonl").write_text(json.dumps(_call("k3", 3.0)) + "\n{\"trunc")
+    (tmp_path / "calls" / "batch=b" / "journal-x.jsonl").write_text(json.dumps(call_row("k3", 3.0)) + "\n{\"trunc")
     assert ShardWriter(store, "calls", "batch=b").written == 0
     assert store.read("calls").height == 4 and list(tmp_path.rglob("journal-*.jsonl")) == []
 
@@ -218,6 +214,7 @@ def shards(root: Path) -> int:
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(3000)  # 5 kills (each waits up to 300 s) and a rerun of up to 900 s
 def test_kill9_at_random_points_then_rerun_loses_and_repeats_nothing(prefect_api, embedded_servers, tmp_path):
     from prefect.settings import PREFECT_API_URL
 

@@ -4,20 +4,13 @@ place_cpu_servers), fed made-up CPUs: the dtype "auto" picks, and how cores are 
 from __future__ import annotations
 
 import pytest
+from helpers import AMD_EPYC_AVX2, INTEL_AMX, INTEL_AVX512_NO_BF16, fake_cpu
 
 from toa.config import load_config, place_servers
+from toa.plan import run_id
 from toa.servers import machine
-from toa.servers.machine import CpuInfo, cpu_dtype, omp_bind, partition_cores
+from toa.servers.machine import cpu_dtype, omp_bind, partition_cores
 from toa.servers.spec import LaunchSpec, place_cpu_servers
-
-# /proc/cpuinfo flags of the two machines this project met (trimmed to what matters)
-AMD_EPYC_AVX2 = frozenset("fpu sse sse2 avx avx2 fma f16c bmi2".split())
-INTEL_AMX = frozenset("fpu sse sse2 avx avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile avx512_vnni".split())
-INTEL_AVX512_NO_BF16 = frozenset("avx avx2 fma avx512f avx512_vnni".split())
-
-
-def fake_cpu(flags=INTEL_AMX, cores=(0, 1), arch="x86_64") -> CpuInfo:
-    return CpuInfo(model="test CPU", arch=arch, flags=frozenset(flags), cores=tuple(cores))
 
 
 @pytest.mark.parametrize("flags, arch, expected", [
@@ -96,7 +89,7 @@ def test_default_run_places_its_two_servers_on_one_core_each_and_keeps_its_run_i
     placed = place_servers(cfg)
     assert [a.launch.cpus for a in placed.agents] == [[0], [1]]
     assert [a.launch.resolved_dtype() for a in placed.agents] == ["float32", "float32"]
-    assert placed.run_id() == cfg.run_id()  # cores are operational
+    assert run_id(placed) == run_id(cfg)  # cores are operational
 
 
 def test_build_env_binds_threads_only_on_cpu():

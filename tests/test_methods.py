@@ -1,5 +1,5 @@
-"""Sampling methods on deterministic in-process fakes (methods.md §2-§6), including the TOA
-conformance vectors (a) and (c) of methods.md §5 as exact tests."""
+"""Sampling methods on deterministic in-process fakes (docs/methods.md §1-§6), including the TOA
+conformance vectors (a) and (c) of docs/methods.md §5.11 as exact tests."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 import pytest
 
 from toa.methods import MethodContext, get_method
-from toa.methods.sequential import chain_order
+from toa.methods.sequential_refine import chain_order
 from toa.rows import ERROR, MethodOutput, Prompt
 from toa import templates
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import polars as pl
 import pytest
+from helpers import attached_agents
 
-from conftest import attached_agents
 from toa.cli import main as toa_cli
 from toa.db import query
 from toa.storage import Store

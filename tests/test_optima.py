@@ -1,6 +1,6 @@
-"""The Optima two-agent dialogue method (toa.methods.dialogue) on deterministic in-process fakes:
-tree shape and budget, stop rules, what each speaker sees, the three rewards, provenance rows,
-and the SFT/DPO builders."""
+"""The Optima two-agent dialogue method (toa.methods.optima; speakers' views in toa.dialogue,
+datasets in toa.optima_datasets) on deterministic in-process fakes: tree shape and budget, stop
+rules, what each speaker sees, the three rewards, provenance rows, and the SFT/DPO builders."""
 
 from __future__ import annotations
 
@@ -12,13 +12,10 @@ import polars as pl
 import pytest
 from fakes import next_sample_id
 
+from toa.dialogue import split_context, view
 from toa.methods import MethodContext, get_method
-from toa.methods.dialogue import (
-    build_dialogue_datasets,
-    default_branching,
-    split_context,
-    view,
-)
+from toa.methods.optima import default_branching
+from toa.optima_datasets import build_dialogue_datasets
 from toa.rows import (
     ERROR,
     SKIPPED,
@@ -96,7 +93,7 @@ def test_default_budget_is_n_times_agents_dialogues_in_two_levels():
     assert [c[2] for c in gen.calls[:1]] == [2]  # the 2 first-turn alternatives are one request
     depth = {s.generation.sample_id: s.depth for s in out.samples}
     assert sorted(depth.values()).count(0) == 2 and sorted(depth.values()).count(1) == 4
-    assert {d["turns"] for d in dialogues} == {3} and {d["stop_reason"] for d in dialogues} == {"max_rounds"}
+    assert {d.turns for d in dialogues} == {3} and {d.stop_reason for d in dialogues} == {"max_rounds"}
 
 
 def test_provenance_actions_parents_and_tree_nodes():
@@ -115,8 +112,8 @@ def test_provenance_actions_parents_and_tree_nodes():
     first_turn = [n for n in nodes if n.depth == 1]
     assert sorted(n.visits for n in first_turn) == [2, 2]  # each first utterance leads to 2 dialogues
     for d in out.tables["dialogues"]:
-        path = json.loads(d["utterance_ids"])
-        assert path[-1] == d["dialogue_id"] and len(path) == d["turns"]
+        path = json.loads(d.utterance_ids)
+        assert path[-1] == d.dialogue_id and len(path) == d.turns
 
 
 def test_rerun_is_identical():
@@ -130,30 +127,30 @@ def test_rerun_is_identical():
 def test_two_agreeing_answers_stop_the_dialogue():
     out, _, _ = run(lambda a, m, k: "No error." if m[0]["content"].startswith("You are the critic") else "Answer: 7",
                     max_rounds=10)
-    assert {d["stop_reason"] for d in out.tables["dialogues"]} == {"agree"}
-    assert {d["turns"] for d in out.tables["dialogues"]} == {3}  # solver, critic, solver
-    assert {d["final_answer"] for d in out.tables["dialogues"]} == {"7.0"}
+    assert {d.stop_reason for d in out.tables["dialogues"]} == {"agree"}
+    assert {d.turns for d in out.tables["dialogues"]} == {3}  # solver, critic, solver
+    assert {d.final_answer for d in out.tables["dialogues"]} == {"7.0"}
 
 
 def test_round_limit_and_critic_never_speaks_last():
     out, _, _ = run(max_rounds=3)
-    assert {d["turns"] for d in out.tables["dialogues"]} == {5}
+    assert {d.turns for d in out.tables["dialogues"]} == {5}
     assert all(s.action.startswith("solver") for s in leaves(out))
 
 
 def test_dialogue_token_limit_and_utterance_cap():
     out, gen, _ = run(max_rounds=10, max_dialogue_tokens=9, max_tokens=16)
-    assert {d["stop_reason"] for d in out.tables["dialogues"]} == {"max_dialogue_tokens"}
-    assert all(d["tokens"] >= 9 for d in out.tables["dialogues"])
+    assert {d.stop_reason for d in out.tables["dialogues"]} == {"max_dialogue_tokens"}
+    assert all(d.tokens >= 9 for d in out.tables["dialogues"])
     assert {json.dumps(c[3]) for c in gen.calls} == {json.dumps({"logprobs": True, "max_tokens": 16})}
 
 
 def test_a_failed_utterance_ends_its_dialogue_as_an_error_row():
     out, _, _ = run(max_rounds=2, fail_k=frozenset({1}))  # one of the two first-turn alternatives
     rows = out.tables["dialogues"]
-    failed = [d for d in rows if d["stop_reason"] == "error"]
-    assert len(failed) == 1 and failed[0]["reward"] is None and failed[0]["reward_status"] == ERROR
-    assert "server down" in failed[0]["reward_error"] and len(rows) == 3
+    failed = [d for d in rows if d.stop_reason == "error"]
+    assert len(failed) == 1 and failed[0].reward is None and failed[0].reward_status == ERROR
+    assert "server down" in failed[0].reward_error and len(rows) == 3
 
 
 # ------------------------------------------------------------------------ who sees what
@@ -188,13 +185,13 @@ def test_composite_reward_arithmetic():
     out, _, _ = run(reward="composite", max_rounds=2)
     gens = {s.generation.sample_id: s.generation for s in out.samples}
     rows = out.tables["dialogues"]
-    t_max = max(d["tokens"] for d in rows)
+    t_max = max(d.tokens for d in rows)
     for d in rows:
-        path = [gens[i] for i in json.loads(d["utterance_ids"])]
+        path = [gens[i] for i in json.loads(d.utterance_ids)]
         loss = max(-g.logprob / g.completion_tokens for g in path)
-        expected = d["correct"] - 0.5 * d["tokens"] / t_max + 0.8 / loss
-        assert d["reward"] == pytest.approx(expected) and d["max_loss"] == pytest.approx(loss)
-    assert len({d["reward"] for d in rows}) > 1
+        expected = d.correct - 0.5 * d.tokens / t_max + 0.8 / loss
+        assert d.reward == pytest.approx(expected) and d.max_loss == pytest.approx(loss)
+    assert len({d.reward for d in rows}) > 1
 
 
 def test_composite_without_logprobs_is_an_error_not_a_number():
@@ -221,11 +218,11 @@ def test_no_reference_makes_correctness_an_error():
 
 
 def test_bad_options_name_the_problem():
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with pytest.raises(ValueError, match=r"optima: mode: Input should be 'critic' or 'split'"):
         get_method("optima", mode="debate")
-    with pytest.raises(ValueError, match="speakers must name exactly two"):
+    with pytest.raises(ValueError, match="optima: speakers must name exactly two agents"):
         get_method("optima", speakers=["A"])
-    with pytest.raises(ValueError, match="known: mode"):
+    with pytest.raises(ValueError, match="unknown option 'rounds'; known: mode"):
         get_method("optima", rounds=3)
     with pytest.raises(ValueError, match="branching has 3 levels"):
         get_method("optima", max_rounds=1, branching=[2, 2, 2])
@@ -237,7 +234,7 @@ def test_bad_options_name_the_problem():
 def stored(out, method="optima"):
     keys = {"run_id": "r", "method": method, "batch": "b", "prompt_id": PROMPT.prompt_id}
     samples = frame("samples", [sample_row(s, **keys) for s in out.samples])
-    dialogues = frame("dialogues", [{**d, **keys} for d in out.tables["dialogues"]])
+    dialogues = frame("dialogues", out.table_rows(**keys)["dialogues"])
     prompts = pl.DataFrame({"prompt_id": [PROMPT.prompt_id], "text": [PROMPT.text]})
     return samples, prompts, dialogues
 
@@ -245,9 +242,9 @@ def stored(out, method="optima"):
 def test_sft_is_the_best_dialogue_one_example_per_speaker():
     out, _, _ = run(max_rounds=2)
     sft, _ = build_dialogue_datasets(*stored(out), margin=0.1)
-    best = max(out.tables["dialogues"], key=lambda d: d["reward"])
+    best = max(out.tables["dialogues"], key=lambda d: d.reward)
     assert sft.height == 2 and set(sft["agent"]) == {"A", "B"} and set(sft["action"]) == {"solver", "critic"}
-    assert set(sft["sample_id"]) == {best["dialogue_id"]} and set(sft["reward"]) == {best["reward"]}
+    assert set(sft["sample_id"]) == {best.dialogue_id} and set(sft["reward"]) == {best.reward}
     for row in sft.iter_rows(named=True):
         messages = json.loads(row["messages"])
         assert messages[0]["role"] == "user" and messages[-1]["role"] == "assistant"
@@ -270,13 +267,14 @@ def test_dpo_pairs_at_branch_points_respect_the_margin():
     assert strict.height == 0
 
 
-def test_method_builder_hook_picks_the_method_own_datasets():
-    from toa.datasets import method_builder, sft_jsonl
+def test_datasets_hook_picks_the_method_own_datasets():
+    from toa.datasets import build_sft, sft_jsonl
 
-    assert method_builder("random", {}) is None
     out, _, _ = run(max_rounds=2)
     samples, prompts, dialogues = stored(out)
-    sft, dpo = method_builder("optima", {"dpo_margin": 0.0})(samples, prompts, lambda t: dialogues)
+    generic, _ = get_method("random").datasets(samples, prompts, lambda t: dialogues, rejected_rank=2)
+    assert generic.equals(build_sft(samples, prompts))  # the default hook: best vs ranked
+    sft, dpo = get_method("optima", dpo_margin=0.0).datasets(samples, prompts, lambda t: dialogues, rejected_rank=2)
     assert sft.height == 2 and dpo.height >= 1
     lines = [json.loads(x) for x in sft_jsonl(sft).splitlines()]
     assert len(lines[0]["messages"]) >= 2 and lines[0]["messages"][-1]["role"] == "assistant"

@@ -10,7 +10,7 @@ import json
 
 import polars as pl
 import pytest
-from conftest import attached_agents
+from helpers import attached_agents
 
 from toa.db import query
 from toa.storage import Store
@@ -98,7 +98,7 @@ def test_rerun_makes_zero_model_calls(optima_run):
 
 def test_information_split_mode_each_speaker_sees_its_half(prefect_api, embedded_servers, tmp_path):
     from toa.flows.synthesize import toa
-    from toa.methods.dialogue import intro
+    from toa.dialogue import intro
 
     prompts = tmp_path / "gsm.jsonl"
     prompts.write_text(json.dumps(PROMPTS[0]) + "\n")  # "A baker makes 12 muffins. He sells 5 of them. How many ...?"

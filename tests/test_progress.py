@@ -12,14 +12,13 @@ import pytest
 from toa.tasks.progress import (
     Snapshot,
     Tracker,
-    _on_prompt,
+    prompt_done,
     describe,
     eta_seconds,
     format_eta,
     listen,
 )
 
-from toa.engine import PROMPT_HOOKS
 
 
 def test_eta_extrapolates_the_rate_of_worked_prompts():
@@ -86,19 +85,19 @@ def test_failed_batches_are_not_done_and_skipped_ones_do_not_set_the_rate():
     assert "4 / 6 prompts" in describe("r1", snap) and "1 failed" in describe("r1", snap)
 
 
-def test_engine_prompt_hook_reaches_listeners_of_a_live_run():
+def test_engine_prompt_hook_reaches_listeners_of_its_own_run_only():
     from toa.tasks import progress
 
-    assert _on_prompt in PROMPT_HOOKS  # importing the module wires it into the engine
     seen = []
     t = Tracker({("random", "b1"): 2})
-    progress._TRACKERS.append(t)
+    progress._TRACKERS["r1"] = t
     try:
         with listen(seen.append):
-            _on_prompt("random", "b1", 1)
-        _on_prompt("random", "b1", 2)  # after the listener left: not seen
+            prompt_done("r1", "random", "b1", 1)
+            prompt_done("r2", "random", "b1", 2)  # another run's batch of the same key: not this tracker
+        prompt_done("r1", "random", "b1", 2)  # after the listener left: not seen
     finally:
-        progress._TRACKERS.remove(t)
+        del progress._TRACKERS["r1"]
     assert [s.done for s in seen] == [1] and t.snapshot().done == 2
 
 
@@ -146,7 +145,7 @@ LIMIT_NAME = "toa-progress-test-smollm2"
 
 @pytest.fixture(scope="module")
 def progress_run(prefect_api, embedded_servers, tmp_path_factory):
-    from conftest import attached_agents
+    from helpers import attached_agents
     from toa.flows.synthesize import toa
 
     agents = attached_agents(embedded_servers, max_tokens=16)

@@ -139,7 +139,8 @@ def test_identity_leaves_out_storage_options_and_resolves_format():
     src = PromptSource(path="s3://b/p.jsonl.gz", limit=3, storage_options={"key": "secret"})
     ident = src.fingerprint()
     assert ident == {"path": "s3://b/p.jsonl.gz", "format": "jsonl", "text_field": "prompt",
-                     "id_field": "id", "reference_field": "reference", "limit": 3}
+                     "id_field": "id", "reference_field": "reference", "limit": 3, "answer_format": "raw",
+                     "reference_fallback_field": None}
     assert "secret" not in json.dumps(ident)
 
 

@@ -27,6 +27,7 @@ from toa.limits import (
     rate_slots,
     require_shared_api,
 )
+from toa.plan import run_id
 from toa.servers import Endpoint
 
 
@@ -224,4 +225,4 @@ def test_global_limit_is_operational_not_part_of_the_run_id():
     limited = load_config(overrides={"agents": [{"alias": "a", "endpoint": ep,
                                                  "global_limit": {"name": "x", "concurrency": 2}}]})
     assert limited.agents[0].global_limit.concurrency == 2
-    assert plain.run_id() == limited.run_id()
+    assert run_id(plain) == run_id(limited)

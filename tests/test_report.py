@@ -6,7 +6,7 @@ import base64
 
 import polars as pl
 import pytest
-from test_analysis_sql import write_run  # the hand-built run the views are tested on
+from helpers import write_run  # the hand-built run the views are tested on
 
 from toa import report
 from toa.storage import Store

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from helpers import attached_agents
 
-from conftest import attached_agents
 from toa.db import query
 from toa.storage import Store
 
-pytestmark = pytest.mark.integration
+# the kill waits up to 600 s for calls, each of the two reruns up to 900 s
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(3000)]
 
 N_PROMPTS, N, M = 2, 3, 2
 PLAYS = N_PROMPTS * N * M

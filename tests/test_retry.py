@@ -14,14 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import prefect_at
+from helpers import prefect_at
 
 from toa.db import query
 from toa.servers import LaunchSpec, ServerHandle, start_vllm
 from toa.servers.vllm import free_port
 from toa.storage import Store
 
-pytestmark = pytest.mark.integration
+# local.sh up may take 600 s (once), then waits of up to 300 + 300 + 120 + 300 s
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 N_PROMPTS, N = 8, 2
 TOTAL = N_PROMPTS * N  # random, one agent: n samples per prompt, one call each

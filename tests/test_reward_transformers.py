@@ -11,13 +11,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch  # a required dependency: missing, the tests fail (never skip)
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from toa.reward import RewardConfig, RewardService, build_backend, reward_key  # noqa: E402
-from toa.reward.transformers_rm import TransformersReward, resolve_device  # noqa: E402
-from toa.rows import OK, Prompt, RewardRecord  # noqa: E402
+from toa.reward import RewardConfig, RewardService, build_backend, reward_key
+from toa.reward.transformers_rm import TransformersReward, resolve_device
+from toa.rows import OK, Prompt, RewardRecord
 
 SMOLLM2 = Path.home() / ".cache" / "toa" / "models" / "smollm2-135m-instruct"
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> "

@@ -17,12 +17,13 @@ import socket
 import time
 
 import pytest
-from conftest import attached_agents
+from helpers import attached_agents
 from pydantic import SecretStr
 from toa.tasks.prompts import BatchRef
 
 from toa.config import ConfigError, load_config
 from toa.db import query
+from toa.plan import plan_run, run_id
 from toa.runners import build_task_runner, shared_results_root
 from toa.servers import Endpoint
 from toa.storage import Store
@@ -135,7 +136,7 @@ def test_same_rows_as_single_process(runs, table):
 # -- unit tests: no cluster, no servers ----------------------------------------------------------
 
 def test_task_runner_is_operational_and_validated():
-    assert load_config(None, {"task_runner": DASK}).run_id() == load_config().run_id()
+    assert run_id(load_config(None, {"task_runner": DASK})) == run_id(load_config())
     for bad, says in [({"task_runner.address": "tcp://head:8786"}, "only apply to kind 'dask'"),
                       ({"task_runner": {"kind": "dask", "address": "tcp://head:8786", "n_workers": 2}}, "existing cluster"),
                       ({"task_runner": {"kind": "dask", "max_workers": 4}}, "max_workers only applies"),
@@ -161,9 +162,9 @@ def test_task_arguments_pickle_with_their_secrets():
     """Dask ships a task's arguments to worker processes by pickling them."""
     import cloudpickle
 
-    cfg = load_config(None, {"task_runner": DASK})
+    plan = plan_run(load_config(None, {"task_runner": DASK, "methods": ["random", "toa"], "n": 3}))
     endpoint = Endpoint(alias="a", base_url="http://gpu-1:8000/v1", model="m", api_key=SecretStr("sk-1"), identity="m@1")
-    args = (cfg, {"a": endpoint}, "run", "random", BatchRef(key="k", source="s", size=2))
+    args = (plan, {"a": endpoint}, "random", BatchRef(key="k", source="s", size=2), "owner")
     back = cloudpickle.loads(cloudpickle.dumps(args))
     assert back == args and back[1]["a"].api_key.get_secret_value() == "sk-1"
     assert "sk-1" not in repr(back[1])

@@ -1,4 +1,4 @@
-"""Security (issue 5, item 10): API keys never appear in logs, artifacts, Parquet, DuckDB or
+"""Security: API keys never appear in logs, artifacts, Parquet, DuckDB or
 exceptions; launched servers bind 127.0.0.1 with a fresh random key each; SQL takes bound
 parameters only.
 
@@ -25,6 +25,7 @@ import pytest
 from openai_double import OpenAIDouble
 
 from toa.db import database_path, query
+from toa.rows import PromptRow
 from toa.storage import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,7 +218,7 @@ def test_sql_is_never_built_from_values():
 def test_hostile_values_are_bound_not_executed(tmp_path):
     store = Store(str(tmp_path / "it's"))
     hostile = "x' OR '1'='1"
-    store.write_rows("prompts", [{"prompt_id": "p1", "text": "t", "source": "s", "line": 1, "batch": "b"}], "source=s", "b.parquet")
+    store.write_rows("prompts", [PromptRow("p1", "t", source="s", line=1, batch="b")], "source=s", "b.parquet")
     assert query(store, "select count(*) as n from prompts where prompt_id = ?", [hostile])["n"][0] == 0
     assert query(store, "select count(*) as n from prompts where prompt_id = ?", ["p1"])["n"][0] == 1
     assert query(store, "select ? as v", ["'); drop view prompts; --"])["v"][0].startswith("');")

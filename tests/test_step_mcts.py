@@ -130,13 +130,13 @@ def test_search_spends_the_budget_and_learns_the_right_step():
     assert sum(n.visits for n in firsts) == root.visits
     by_kind = {n.kind for n in out.nodes}
     assert by_kind == {"root", "step", "answer"}
-    targets = {r["node_id"]: r for r in out.tables["value_targets"]}
-    add = next(n for n in firsts if "Add" in targets.get(n.node_id, {}).get("state", ""))
-    sub = next(n for n in firsts if "Subtract" in targets.get(n.node_id, {}).get("state", "Subtract"))
-    assert targets[add.node_id]["value"] == 1.0
-    assert sub.visits == 0 or targets[sub.node_id]["value"] == 0.0
+    targets = {r.node_id: r for r in out.tables["value_targets"]}
+    add = next(n for n in firsts if "Add" in getattr(targets.get(n.node_id), "state", ""))
+    sub = next(n for n in firsts if "Subtract" in getattr(targets.get(n.node_id), "state", "Subtract"))
+    assert targets[add.node_id].value == 1.0
+    assert sub.visits == 0 or targets[sub.node_id].value == 0.0
     assert add.visits > sub.visits  # the search went where the verifier said it is right
-    assert all(r["prompt"] == PROMPT.text and r["visits"] > 0 for r in targets.values())
+    assert all(r.prompt == PROMPT.text and r.visits > 0 for r in targets.values())
     # every generation is a sample: k per expansion, one per rollout
     actions = Counter(s.action for s in out.samples)
     assert actions["rollout"] == len(gen.rollouts()) and actions["rollout"] <= 8
@@ -227,11 +227,11 @@ def test_failures_are_samples_and_leave_the_tree_alone():
 
 def test_bad_options_and_unverifiable_prompts():
     with pytest.raises(ValueError, match="prior_mix"):
-        StepMCTS(prior_mix=2.0)
+        StepMCTS.from_options({"prior_mix": 2.0})
     with pytest.raises(ValueError, match="simulations"):
-        StepMCTS(simulations=0)
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['c'\]"):
-        StepMCTS(c=1.0)  # a misspelt option is an error, not ignored
+        StepMCTS.from_options({"simulations": 0})
+    with pytest.raises(ValueError, match=r"unknown option 'c'; known: k, c_puct"):
+        StepMCTS.from_options({"c": 1.0})  # a misspelt option is an error, not ignored
     with pytest.raises(ValueError, match="verifiable prompt"):
         run(StepMCTS(), ctx_for(FakeStepGenerate(), prompt=Prompt("p2", "Write a poem.")))
 
@@ -276,4 +276,4 @@ def test_blank_lines_are_no_steps_unless_nothing_else_came():
     gen.all_blank = True
     out = run(get_method("step_mcts", k=2, simulations=1), ctx_for(gen))
     assert len(out.nodes) == 2  # all blank: one blank child, so the search goes on
-    assert out.tables["value_targets"][1]["state"] == "\n"
+    assert out.tables["value_targets"][1].state == "\n"

@@ -10,7 +10,7 @@ import json
 
 import polars as pl
 import pytest
-from conftest import attached_agents
+from helpers import attached_agents
 
 from toa.db import query
 from toa.storage import Store

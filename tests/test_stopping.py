@@ -1,4 +1,4 @@
-"""Stopping is a feature (issue 11, item 6): Ctrl-C and SIGTERM on a real `toa run`, SIGKILL of
+"""Stopping is a feature (docs/design.md §5): Ctrl-C and SIGTERM on a real `toa run`, SIGKILL of
 the orchestrator with a real launched vLLM server, and the stall watchdog.
 
 The Ctrl-C and SIGTERM tests run `toa run` as a user does: its own process group (a terminal's
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import launched_run_file
+from helpers import launched_run_file
 from openai_double import OpenAIDouble
 
 from toa.db import query
@@ -180,6 +180,7 @@ def test_a_stalled_server_fails_its_calls_fast_with_what_it_reported(tmp_path):
     from toa.config import load_config
     from toa.db import query
     from toa.engine import close_engines, run_batch
+    from toa.plan import RunPlan
     from toa.prompts import iter_prompts
     from toa.servers import attach
     from toa.storage import Store
@@ -193,7 +194,7 @@ def test_a_stalled_server_fails_its_calls_fast_with_what_it_reported(tmp_path):
         endpoints = {a.alias: attach(a.alias, a.endpoint) for a in cfg.agents}
         start = time.monotonic()
         try:
-            stats = run_batch(cfg, endpoints, "r1", "random", "b0", list(iter_prompts(cfg.prompts)))
+            stats = run_batch(RunPlan(cfg, cfg.method_objects, "r1"), endpoints, "random", "b0", list(iter_prompts(cfg.prompts)))
         finally:
             close_engines()
         took = time.monotonic() - start

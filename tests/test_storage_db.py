@@ -14,7 +14,8 @@ from toa.storage import ShardWriter, Store
 def call(key, status="ok", created=1.0, prompt="p"):
     return {"call_key": key, "prompt_id": prompt, "agent": "a", "model": "m", "request_json": "{}", "seed": 1,
             "slot": 0, "text": "t" if status == "ok" else None, "prompt_tokens": 3, "completion_tokens": 4,
-            "latency_s": 0.1, "status": status, "error": None if status == "ok" else "boom", "created_at": created}
+            "latency_s": 0.1, "status": status, "error": None if status == "ok" else "boom", "created_at": created,
+            "finish_reason": "stop" if status == "ok" else None, "logprob": None}
 
 
 def test_write_is_atomic_and_leaves_no_temporaries(tmp_path):
@@ -52,7 +53,9 @@ def test_method_summary_from_samples(tmp_path):
             rows.append({"run_id": "r1", "method": method, "batch": "b", "prompt_id": "p", "sample_id": f"{method}{i}",
                          "order": i, "agent": "a", "action": "a", "prompt_tokens": 10, "completion_tokens": 5,
                          "status": "ok" if r is not None else "error", "reward": r,
-                         "reward_status": "ok" if r is not None else "error"})
+                         "reward_status": "ok" if r is not None else "error", "parent_id": None, "depth": 0,
+                         "text": "t", "finish_reason": "stop", "latency_s": 0.1, "cached": False, "error": None,
+                         "reward_error": None})
     store.write_frame(frame("samples", rows), store.path("samples", "run=r1", "b.parquet"))
     out = {r["method"]: r for r in query(store, "select * from method_summary where run_id = ?", ["r1"]).to_dicts()}
     assert out["random"]["best_reward"] == pytest.approx(0.4) and out["random"]["mean_reward"] == pytest.approx(0.3)

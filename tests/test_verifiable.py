@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import sample_row_dict
 
 from toa.db import query
 from toa.prompts import PromptSource, load_prompts
@@ -37,7 +38,7 @@ def test_preset_fills_only_unset_fields_and_enters_the_fingerprint():
     assert (src.text_field, src.reference_field, src.answer_format) == ("q", "answer", "gsm8k")
     assert src.verifiable and not PromptSource(path="x.jsonl").verifiable
     plain = PromptSource(path="x.jsonl", text_field="question", reference_field="answer")
-    assert "answer_format" not in plain.fingerprint()  # unchanged run ids for plain sources
+    assert plain.fingerprint()["answer_format"] == "raw"
     assert src.fingerprint()["answer_format"] == "gsm8k"
 
 
@@ -71,9 +72,9 @@ SAMPLES = {
 
 
 def _write_run(store: Store, run_id: str = "r1", method: str = "m"):
-    rows = [{"run_id": run_id, "method": method, "batch": "b", "prompt_id": p, "sample_id": f"{p}-{i}", "order": i,
-             "agent": "a", "action": "a", "depth": 0, "text": text, "status": "ok", "reward": r,
-             "reward_status": "ok", "prompt_tokens": 1, "completion_tokens": 1}
+    rows = [sample_row_dict(run_id=run_id, method=method, batch="b", prompt_id=p, sample_id=f"{p}-{i}", order=i,
+                            agent="a", action="a", depth=0, text=text, status="ok", reward=r,
+                            reward_status="ok", prompt_tokens=1, completion_tokens=1)
             for p, items in SAMPLES.items() for i, (r, text) in enumerate(items)]
     store.write_rows("samples", rows, f"run={run_id}", f"method={method}", "b.parquet")
     import polars as pl

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import attached_agents
+from helpers import attached_agents
 
 from toa.db import query
 from toa.storage import Store

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from toa.servers.watch import Load, StallDetector, parse_metrics
 
 # Shaped like vLLM 0.32's /metrics (two models on one page, to check the model filter).
@@ -65,6 +67,7 @@ def test_speed_is_not_judged_with_few_requests_or_when_fast():
     assert d.observe(90, load(8, 4100)) is None  # 100 tokens/s
 
 
+@pytest.mark.integration
 def test_watchdog_records_from_the_engine_thread_reach_the_flow_runs_logs(prefect_api):
     """The engine logs from its own thread, outside any Prefect context: route_toa_logs puts
     those records in the flow run's logs (the Prefect UI), not only on a console."""

@@ -34,8 +34,7 @@ import openai
 from openai import AsyncOpenAI
 
 from toa.limits import LimitNames, request_slot
-from toa.methods.base import Message
-from toa.rows import ERROR, OK, CallRecord, Generation, content_key
+from toa.rows import ERROR, OK, CallRecord, Generation, Message, content_key
 from toa.servers import Endpoint
 
 TRANSIENT = (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError, openai.InternalServerError)

@@ -3,6 +3,7 @@
     toa setup                      one-time: vLLM CPU environment (no GPU) + embedded models
     toa doctor [--probe]           what this machine is, what is installed, what a run will do
     toa run [--config run.toml] [--set key=value ...]   run the `toa` flow and print the summary
+    toa plan [--config run.toml] [--set key=value ...]  what `run` would do, starting nothing
     toa sql "select ..." [--root results]               query the results with DuckDB
     toa tree <prompt_id> [--html tree.html]             show one prompt's search tree
     toa report <run_id> [--out DIR]                     plots + Markdown/HTML report of a run
@@ -91,6 +92,21 @@ def cmd_run(args) -> None:
     result = _run_flow(lambda: toa(config_file=args.config, overrides=overrides, return_state=True),
                        cfg.results_root, args, show_bar=sys.stdout.isatty() and not args.no_progress)
     _print_result(result)
+
+
+def cmd_plan(args) -> None:
+    """What `toa run` would do, starting nothing: the run id, the (method, batch) units done and
+    to run, the generations to expect."""
+    from toa.plan import describe, plan_run
+    from toa.preflight import check_prompt_source
+    from toa.tasks.plan import resolve, unit_states
+    from toa.tasks.prompts import planned_batches
+
+    _prefect_env()
+    cfg = resolve(args.config, _parse_sets(args.set))
+    check_prompt_source(cfg)
+    plan = plan_run(cfg)
+    print("\n".join(describe(plan, unit_states(plan, planned_batches(cfg)))))
 
 
 def cmd_evolve(args) -> None:
@@ -258,13 +274,14 @@ def cmd_sql(args) -> None:
 
 def cmd_tree(args) -> None:
     from toa.db import query
+    from toa.sql import query_text
     from toa.storage import Store
     from toa.treeview import render_html, render_text, tree_frames
 
     store = Store(_root(args))
-    # literal SQL with bound values only (tests/test_security.py checks every query call)
-    nodes = query(store, "SELECT * FROM tree_nodes WHERE prompt_id = ? AND method = ?", [args.prompt_id, args.method])
-    samples = query(store, "SELECT * FROM samples WHERE prompt_id = ? AND method = ?", [args.prompt_id, args.method])
+    # fixed SQL from sql/queries/ with bound values only (tests/test_security.py checks every query call)
+    nodes = query(store, query_text("tree_nodes_of_prompt"), [args.prompt_id, args.method])
+    samples = query(store, query_text("samples_of_prompt"), [args.prompt_id, args.method])
     if nodes.is_empty():
         raise SystemExit(f"no {args.method} tree stored for prompt {args.prompt_id!r} under {store.url}")
     try:
@@ -313,14 +330,15 @@ def cmd_methods(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="toa", description="Multi-agent SFT/DPO data synthesis (TOA).")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn in (("setup", cmd_setup), ("run", cmd_run), ("doctor", cmd_doctor)):
+    for name, fn in (("setup", cmd_setup), ("run", cmd_run), ("plan", cmd_plan), ("doctor", cmd_doctor)):
         p = sub.add_parser(name, help=fn.__doc__)
         p.add_argument("--config", help="run file (TOML or YAML)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field (dotted key; value parsed as JSON if it can be)")
+        if name in ("run", "plan"):
+            p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
         if name == "run":
             p.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal anyway)")
-            p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
         if name == "doctor":
             p.add_argument("--probe", action="store_true",
                            help="start the run's servers and time a burst on each (about a minute)")

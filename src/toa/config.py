@@ -6,8 +6,10 @@ flow parameters). The defaults are the embedded CPU run: two real small models s
 (SmolLM2-135M-Instruct and Gemma 3 270M, both shipped in PyPI packages), the packaged prompt
 set with reference answers, and a sentence-embedding similarity reward.
 
-Fields that change results feed the run fingerprint (`run_id`); fields marked operational
-(concurrency, timeouts, retries, where results go) do not, so changing them resumes the same run.
+Fields that change results feed the run fingerprint (toa.plan.run_id); fields marked
+operational (concurrency, timeouts, retries, where results go) do not, so changing them resumes
+the same run. Validation builds each method once with its options checked (toa.methods.base);
+the run plan (toa.plan) keeps those instances.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from toa.errors import UserError
+from toa.methods import Method, method_class, method_names
 from toa.prompts import DEFAULT_PROMPTS, PromptSource
 from toa.reward.config import RewardConfig
-from toa.rows import content_key
 from toa.runners import TaskRunnerConfig
 from toa.servers.spec import AttachSpec, LaunchSpec, place_cpu_servers
 
@@ -98,7 +100,7 @@ class RunConfig(BaseSettings):
     methods: list[str] = Field(["random", "parallel_ensemble"], min_length=1, description="Sampling methods to run, by registry name.")
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-method options, e.g. {toa = {tau = 1.0}}.")
     n: int = Field(2, gt=0, description="Samples per agent; every method spends n * len(agents) generations per prompt.")
-    seed: int = Field(0, description="Run seed; sample seeds derive from (seed, prompt_id, call slot).")
+    seed: int = Field(0, description="Run seed; a call's seed derives from (method, model, request, run seed, call slot).")
     batch_size: int = Field(16, gt=0, description="Prompts per (method, batch) task. Part of the fingerprint: the call cache is partitioned by batch.")
     dpo_rank: int | None = Field(None, gt=1, description="DPO rejected = the response ranked r-th by reward; default scales the paper's 30-of-160 to the budget.")
     results_root: str = Field("results", description="fsspec URL of the results root (Parquet shards + DuckDB).", json_schema_extra=OPERATIONAL)
@@ -107,20 +109,26 @@ class RunConfig(BaseSettings):
     prompt_concurrency: int = Field(64, gt=0, description="Prompts of one batch in flight at once.", json_schema_extra=OPERATIONAL)
     task_retries: int = Field(2, ge=0, description="Prefect retries of a failed (method, batch) task.", json_schema_extra=OPERATIONAL)
     task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig, description="Where the (method, batch) tasks run: Prefect threads in the flow process, or a Dask cluster (toa.runners).", json_schema_extra=OPERATIONAL)
+    _methods: dict[str, Method] = PrivateAttr(default_factory=dict)  # built by _check, once
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        from toa.methods import method_names
-
         aliases = [a.alias for a in self.agents]
         if len(set(aliases)) != len(aliases):
             raise ValueError(f"agent aliases must be unique, got {aliases}")
         unknown = [m for m in self.methods if m not in method_names()]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; known: {method_names()}")
-        _check_method_options(self.method_options)
-        _check_budgets(self.methods, self.method_options, len(self.agents), self.n)
+        typos = [m for m in self.method_options if m not in method_names()]
+        if typos:
+            raise ValueError(f"method_options for unknown method(s) {typos}; known: {method_names()}")
+        self._methods = _build_methods(self.methods, self.method_options, len(self.agents), self.n)
         return self
+
+    @property
+    def method_objects(self) -> dict[str, Method]:
+        """The run's methods, one instance each, built and checked when the config was validated."""
+        return self._methods
 
     @property
     def budget(self) -> int:
@@ -132,11 +140,9 @@ class RunConfig(BaseSettings):
         return self.dpo_rank or max(2, round(self.budget * 30 / 160))
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        return _result_fields(self)
-
-    def run_id(self, extra: dict[str, Any] | None = None) -> str:
-        """Hash of everything that changes results (plus e.g. template hashes)."""
-        return content_key(self.fingerprint_fields(), extra or {})[:16]
+        """The fields that change results. Method options are left to toa.plan.run_id, which
+        takes them validated, defaults filled in."""
+        return {k: v for k, v in _result_fields(self).items() if k != "method_options"}
 
 
 REWARD_SERVER = "(reward)"  # key of the reward model's launched server beside the agents' aliases (never an alias)
@@ -249,34 +255,25 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         node[leaf] = value
 
 
-def _check_method_options(options: dict[str, dict[str, Any]]) -> None:
-    """A typo in method_options would otherwise be ignored (an unknown method) or fail every
-    batch later (an unknown option): both fail here, before anything starts."""
-    from toa.methods import get_method, method_names
-
-    typos = [m for m in options if m not in method_names()]
-    if typos:
-        raise ValueError(f"method_options for unknown method(s) {typos}; known: {method_names()}")
-    for name, opts in options.items():
-        try:
-            get_method(name, **opts)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"method_options.{name}: {exc}") from None
-
-
-def _check_budgets(methods: list[str], options: dict[str, dict[str, Any]], m: int, n: int) -> None:
-    """Methods whose options cannot work with M agents and n samples each (TOA's width) say so
-    here rather than inside every prompt after the servers have started."""
-    from toa.methods import get_method
-
+def _build_methods(methods: list[str], options: dict[str, dict[str, Any]], m: int, n: int) -> dict[str, Method]:
+    """Each method once, its options validated (a typo fails here rather than in every batch)
+    and its budget checked against M agents and n samples (TOA's width): before anything starts."""
+    built = {}
     for name in methods:
-        method = get_method(name, **options.get(name, {}))
-        check = getattr(method, "check_budget", None)
-        if check is not None:
-            try:
-                check(m, n)
-            except ValueError as exc:
-                raise ValueError(f"methods: {exc}") from None
+        try:
+            built[name] = method_class(name).from_options(options.get(name, {}))
+        except ValueError as exc:
+            raise ValueError(f"method_options.{exc}") from None
+        try:
+            built[name].check_budget(m, n)
+        except ValueError as exc:
+            raise ValueError(f"methods: {exc}") from None
+    for name in set(options) - set(methods):  # options of a method not run: still checked
+        try:
+            method_class(name).from_options(options[name])
+        except ValueError as exc:
+            raise ValueError(f"method_options.{exc}") from None
+    return built
 
 
 def _index(items: list, part: str, dotted: str) -> int:

@@ -1,4 +1,4 @@
-"""SFT and DPO datasets from the stored samples (methods.md §7).
+"""SFT and DPO datasets from the stored samples (docs/methods.md §7).
 
 SFT: per prompt, the best response (argmax raw reward; first in generation order on ties).
 DPO: chosen = the best, rejected = the response ranked r-th by reward (paper: best of 160 vs
@@ -13,11 +13,10 @@ A method may build its own rows instead (`method_builder`; multi-turn rows carry
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
 import polars as pl
 
-from toa.rows import OK, SCHEMAS
+from toa.rows import OK, conform
 
 
 def ranked(samples: pl.DataFrame) -> pl.DataFrame:
@@ -32,12 +31,11 @@ def ranked(samples: pl.DataFrame) -> pl.DataFrame:
 
 def build_sft(samples: pl.DataFrame, prompts: pl.DataFrame) -> pl.DataFrame:
     best = ranked(samples).filter(pl.col("rank") == 1)
-    return (
+    return conform("sft", (  # the sft columns (n_samples, a count, cast to the table's Int64)
         best.join(prompts.select("prompt_id", pl.col("text").alias("prompt")), on="prompt_id", how="left")
         .rename({"text": "response"})
         .with_columns(messages=pl.lit(None, pl.Utf8))  # single turn: [prompt, response]
-        .select(list(SCHEMAS["sft"]))
-    )
+    ))
 
 
 def build_dpo(samples: pl.DataFrame, prompts: pl.DataFrame, rejected_rank: int) -> pl.DataFrame:
@@ -48,7 +46,7 @@ def build_dpo(samples: pl.DataFrame, prompts: pl.DataFrame, rejected_rank: int) 
     pairs = chosen.join(rejected, on=group, suffix="_r").filter(
         (pl.col("rank_r") > 1) & (pl.col("reward") > pl.col("reward_r")) & (pl.col("text") != pl.col("text_r"))
     )
-    return (
+    return conform("dpo", (
         pairs.join(prompts.select("prompt_id", pl.col("text").alias("prompt")), on="prompt_id", how="left")
         .select(
             *group, "prompt", pl.col("text").alias("chosen"), pl.col("text_r").alias("rejected"),
@@ -57,17 +55,7 @@ def build_dpo(samples: pl.DataFrame, prompts: pl.DataFrame, rejected_rank: int) 
             pl.col("rank_r").alias("rejected_rank"), pl.col("sample_id").alias("chosen_id"),
             pl.col("sample_id_r").alias("rejected_id"), pl.lit(None, pl.Utf8).alias("prompt_messages"),
         )
-        .select(list(SCHEMAS["dpo"]))
-    )
-
-
-def method_builder(method: str, options: dict) -> Callable | None:
-    """A method's own dataset builder, when it defines one: `datasets(samples, prompts, read)
-    -> (sft, dpo)` with `read(table)` giving the method's rows of another table (Optima: SFT =
-    the best dialogue, DPO = branch-point pairs). None: the best-vs-ranked rule above."""
-    from toa.methods import get_method
-
-    return getattr(get_method(method, **options), "datasets", None)
+    ))
 
 
 def sft_jsonl(sft: pl.DataFrame) -> str:

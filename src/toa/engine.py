@@ -37,7 +37,8 @@ from toa import stopping
 from toa.calls import CallLayer, ClientPolicy, EndpointClient
 from toa.config import AgentConfig, RunConfig
 from toa.limits import ensure_limits, names_for
-from toa.methods import MethodContext, get_method
+from toa.methods import MethodContext
+from toa.plan import RunPlan
 from toa.reward import RewardService, build_backend
 from toa.rows import (
     ERROR,
@@ -165,18 +166,18 @@ def _on_verdict(client: EndpointClient, verdict: Verdict) -> None:
         log.warning("%s. Likely causes: %s", verdict.message, causes)
 
 
-# Observers of prompt progress, called as hook(method, batch, prompts done by this attempt of
-# the batch) on the engine loop, with 0 when an attempt starts (toa.tasks.progress feeds the
-# `toa run` progress bar from it). They must be cheap and must not raise.
-PROMPT_HOOKS: list[Callable[[str, str, int], None]] = []
+PromptHook = Callable[[str, str, int], None]
 
 
-def _report_prompts(method: str, batch: str, done: int) -> None:
-    for hook in PROMPT_HOOKS:
-        try:
-            hook(method, batch, done)
-        except Exception:  # progress display never fails a batch
-            pass
+def _progress(hook: PromptHook | None, method: str, batch: str) -> Callable[[int], None]:
+    """`hook` bound to one batch; a failing hook never fails the batch (progress is display)."""
+    def report(done: int) -> None:
+        if hook is not None:
+            try:
+                hook(method, batch, done)
+            except Exception:
+                pass
+    return report
 
 
 async def make_client(agent: AgentConfig, endpoint: Endpoint) -> EndpointClient:
@@ -187,34 +188,46 @@ async def make_client(agent: AgentConfig, endpoint: Endpoint) -> EndpointClient:
     return EndpointClient(endpoint, agent.sampling.request_fields(), policy)
 
 
-_ENGINES: dict[str, Engine] = {}
+# The engines of each owner (a flow run, see flows/synthesize.py) in this process: a run's stop
+# or end touches only its own engines, never another run's in the same worker process.
+_ENGINES: dict[str, dict[str, Engine]] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-def get_engine(cfg: RunConfig, endpoints: dict[str, Endpoint]) -> Engine:
-    """The process's engine for these endpoints and this config (created once)."""
+def get_engine(cfg: RunConfig, endpoints: dict[str, Endpoint], owner: str = "") -> Engine:
+    """`owner`'s engine for these endpoints and this config (created once per process)."""
     key = repr(sorted((a, e.base_url, e.identity) for a, e in endpoints.items())) + cfg.model_dump_json()
     with _ENGINES_LOCK:
-        if key not in _ENGINES:
-            _ENGINES[key] = Engine(cfg, endpoints)
-        return _ENGINES[key]
+        mine = _ENGINES.setdefault(owner, {})
+        if key not in mine:
+            mine[key] = Engine(cfg, endpoints)
+        return mine[key]
 
 
-def cancel_all_work() -> None:
-    """Cancel the running batches of every engine in this process (see Engine.cancel_work)."""
+def _engines_of(owner: str | None) -> list[Engine]:
     with _ENGINES_LOCK:
-        engines = list(_ENGINES.values())
-    for engine in engines:
+        return [e for o, engines in _ENGINES.items() if owner is None or o == owner for e in engines.values()]
+
+
+def cancel_all_work(owner: str | None = None) -> None:
+    """Cancel the running batches of `owner`'s engines (None: every engine in this process;
+    see Engine.cancel_work)."""
+    for engine in _engines_of(owner):
         engine.cancel_work()
 
 
-def close_engines() -> None:
+def close_engines(owner: str | None = None) -> None:
+    """Close `owner`'s engines (None: every engine in this process)."""
+    engines = _engines_of(owner)
     with _ENGINES_LOCK:
-        for engine in _ENGINES.values():
-            engine.close()
-        _ENGINES.clear()
+        for o in [o for o in _ENGINES if owner is None or o == owner]:
+            del _ENGINES[o]
+    for engine in engines:
+        engine.close()
 
 
+# Not a table, so not in toa.rows: the result of one (method, batch) task and, as JSON, its
+# `done` marker; it lives with the code that counts it and reads the marker back.
 @dataclass
 class BatchStats:
     method: str
@@ -237,7 +250,8 @@ class BatchStats:
         return bool(self.calls_failed or self.reward_errors or self.method_errors)
 
 
-def _calls_cache(store: Store, batch: str) -> dict[str, CallRecord]:
+def calls_cache(store: Store, batch: str) -> dict[str, CallRecord]:
+    """The recorded successful calls of a batch partition, by call key: what a rerun replays."""
     df = store.read("calls", f"batch={batch}").filter(pl.col("status") == OK)
     return {r["call_key"]: CallRecord(**r) for r in df.iter_rows(named=True)}
 
@@ -251,24 +265,28 @@ def done_marker(run_id: str, method: str, batch: str) -> tuple[str, ...]:
     return ("done", f"run={run_id}", f"method={method}", f"{batch}.json")
 
 
-def run_batch(cfg: RunConfig, endpoints: dict[str, Endpoint], run_id: str, method: str,
-              batch: str, prompts: list[Prompt]) -> BatchStats:
+def run_batch(plan: RunPlan, endpoints: dict[str, Endpoint], method: str, batch: str, prompts: list[Prompt],
+              owner: str = "", on_prompt: PromptHook | None = None) -> BatchStats:
+    """One (method, batch) unit; `on_prompt(method, batch, prompts done)` follows its progress
+    (called on the engine loop, with 0 when the attempt starts; cheap, must not raise)."""
+    cfg, run_id = plan.cfg, plan.run_id
     store = Store(cfg.results_root, cfg.storage_options)
     stopping.check(f"{method} batch {batch}")
-    if store.exists(*done_marker(run_id, method, batch)):
+    if store.exists(*done_marker(run_id, method, batch)):  # finished by another attempt since it was planned
         recorded = store.read_json(*done_marker(run_id, method, batch))
         done = BatchStats(**{k: v for k, v in recorded.items() if k in BatchStats.__dataclass_fields__})
         # Nothing is called this time: everything it holds counts as replayed.
         return BatchStats(method, batch, prompts=done.prompts, samples=done.samples, cached=done.samples,
                           prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens, skipped=True,
                           worker=done.worker)
-    engine = get_engine(cfg, endpoints)
+    engine = get_engine(cfg, endpoints, owner)
     start = time.perf_counter()
     call_sink = ShardWriter(store, "calls", f"batch={batch}")
     reward_sink = ShardWriter(store, "rewards", f"batch={batch}")
     engine.run(_on_loop(engine.open_batch, prompts, _rewards_cache(store, batch), reward_sink))
     try:
-        outputs, layer = engine.run_work(_run_prompts(cfg, engine, method, prompts, _calls_cache(store, batch), call_sink, batch))
+        outputs, layer = engine.run_work(_run_prompts(plan, engine, method, prompts, calls_cache(store, batch), call_sink,
+                                                      _progress(on_prompt, method, batch)))
     except concurrent.futures.CancelledError:
         raise stopping.Stopped(f"{method} batch {batch}: stopped ({stopping.reason()}); "
                                "its finished calls are recorded and will be replayed") from None
@@ -290,9 +308,11 @@ async def _on_loop(fn, *args):
     return fn(*args)
 
 
-async def _run_prompts(cfg, engine, method_name, prompts, calls_cache, call_sink, batch=""):
+async def _run_prompts(plan: RunPlan, engine, method_name, prompts, calls_cache, call_sink,
+                       report: Callable[[int], None]):
+    cfg = plan.cfg
     layer = CallLayer(engine.clients, calls_cache, call_sink.append, cfg.seed, namespace=method_name)
-    method = get_method(method_name, **cfg.method_options.get(method_name, {}))
+    method = plan.methods[method_name]
     agents = tuple(a.alias for a in cfg.agents)
     in_flight = asyncio.Semaphore(cfg.prompt_concurrency)
 
@@ -306,20 +326,19 @@ async def _run_prompts(cfg, engine, method_name, prompts, calls_cache, call_sink
                 return exc
             finally:
                 finished[0] += 1
-                _report_prompts(method_name, batch, finished[0])
+                report(finished[0])
 
     finished = [0]
-    _report_prompts(method_name, batch, 0)
+    report(0)
     outputs = await asyncio.gather(*(one(p) for p in prompts))
     return list(zip(prompts, outputs)), layer
 
 
 def _write_outputs(store: Store, run_id: str, method: str, batch: str, outputs) -> BatchStats:
     stats = BatchStats(method=method, batch=batch, prompts=len(outputs))
-    sample_rows: list[dict[str, Any]] = []
-    node_rows: list[dict[str, Any]] = []
-    extra_rows: dict[str, list[dict[str, Any]]] = {}  # MethodOutput.tables, e.g. value_targets
-    keys = dict(run_id=run_id, method=method, batch=batch)
+    sample_rows: list[Any] = []  # rows.SampleRow
+    table_rows: dict[str, list[Any]] = {}  # tree_nodes and MethodOutput.tables (e.g. value_targets), typed rows
+    keys = {"run_id": run_id, "method": method, "batch": batch}
     for prompt, out in outputs:
         if isinstance(out, BaseException):
             stats.method_errors += 1
@@ -331,21 +350,20 @@ def _write_outputs(store: Store, run_id: str, method: str, batch: str, outputs) 
             stats.reward_errors += s.generation.ok and s.score.status == ERROR
             stats.prompt_tokens += s.generation.prompt_tokens
             stats.completion_tokens += s.generation.completion_tokens
-        node_rows += [{**asdict(n), **keys, "prompt_id": prompt.prompt_id} for n in out.nodes]
-        for table, rows in out.tables.items():
-            extra_rows.setdefault(table, []).extend({**r, **keys, "prompt_id": prompt.prompt_id} for r in rows)
+        # the method's parts of its tables, completed with the keys it does not know
+        for table, rows in out.table_rows(prompt_id=prompt.prompt_id, **keys).items():
+            table_rows.setdefault(table, []).extend(rows)
     stats.samples = len(sample_rows) - stats.method_errors
     # Deterministic names: a retry overwrites the same shard instead of adding a second copy.
     store.write_frame(frame("samples", sample_rows), store.path("samples", f"run={run_id}", f"method={method}", f"{batch}.parquet"))
-    if node_rows:
-        store.write_frame(frame("tree_nodes", node_rows), store.path("tree_nodes", f"run={run_id}", f"method={method}", f"{batch}.parquet"))
-    for table, rows in extra_rows.items():
+    for table, rows in table_rows.items():
         if rows:
             store.write_frame(frame(table, rows), store.path(table, f"run={run_id}", f"method={method}", f"{batch}.parquet"))
     return stats
 
 
-def _method_error_row(exc: BaseException, prompt: Prompt, keys: dict[str, str]) -> dict[str, Any]:
+def _method_error_row(exc: BaseException, prompt: Prompt, keys: dict[str, str]):
+    """The `samples` row (rows.SampleRow) that records a prompt whose method raised."""
     failed = Sample(Generation(sample_id=f"method-error:{prompt.prompt_id}", agent="", text=None, status=ERROR,
                                error=f"{type(exc).__name__}: {exc}"[:1000]), Score(None, ERROR, "method failed"),
                     action="method_error", order=-1)

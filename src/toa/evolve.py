@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from toa import templates
 from toa.prompts import normalize_text, prompt_id_for
-from toa.rows import Generation, Prompt, content_key
+from toa.rows import EvolutionRow, Generation, Prompt, content_key
 
 METRICS = ("mean", "variance", "max_min", "max_mean", "best_minus_second")
 KINDS = ("deepen", "constraints", "concretize", "reasoning", "breadth")
@@ -187,7 +187,9 @@ Generate = Callable[..., Awaitable[list[Generation]]]  # (agent, messages, n, **
 
 @dataclass
 class Step:
-    """One evolution step as the `evolutions` table stores it."""
+    """One evolution step while the loop fills it in (it is mutated: a reference is added, a
+    duplicate rejected); stored as an `evolutions` row (rows.EvolutionRow) with the loop's keys.
+    Every field here is a column there: building the row from it fails on any mismatch."""
 
     prompt_id: str | None
     parent_prompt_id: str
@@ -358,6 +360,7 @@ def run_step(run_cfg, cfg: EvolveConfig, eid: str, iteration: int, from_run_id: 
     manifest. A finished step (manifest present) returns at once: no endpoint is needed, no call
     is made. `endpoints` must hold the evolving agent when the step is not finished."""
     from toa.db import query
+    from toa.sql import query_text
     from toa.storage import Store
 
     store = Store(run_cfg.results_root, run_cfg.storage_options)
@@ -367,14 +370,14 @@ def run_step(run_cfg, cfg: EvolveConfig, eid: str, iteration: int, from_run_id: 
         return {**store.read_json(*manifest), "calls_made": 0}
     agent = cfg.agent or run_cfg.agents[0].alias
     current = _read_prompts(store, prompt_source)
-    metric = dict(query(store, f"SELECT prompt_id, {cfg.metric} FROM prompt_informativeness WHERE run_id = ?",
-                        [from_run_id]).iter_rows())  # cfg.metric is one of METRICS (validated)
+    scores = query(store, query_text("prompt_informativeness_of_run"), [from_run_id])  # every metric: pick one here
+    metric = dict(zip(scores["prompt_id"], scores[cfg.metric]))
     metric = {p.prompt_id: metric[p.prompt_id] for p in current if p.prompt_id in metric}
     chosen = set(select_informative(metric, cfg.fraction, cfg.seed + iteration, cfg.min_selected))
     selected = [p for p in current if p.prompt_id in chosen]
     evo, made = _evolve_with_layer(store, run_cfg, cfg, key, agent, endpoints, selected, current, iteration, metric)
-    rows = [{**s.__dict__, "evolve_id": eid, "iteration": iteration, "from_run_id": from_run_id, "agent": agent,
-             "metric": cfg.metric} for s in evo.steps]
+    rows = [EvolutionRow(**vars(s), evolve_id=eid, iteration=iteration, from_run_id=from_run_id, agent=agent,
+                         metric=cfg.metric) for s in evo.steps]
     store.write_rows("evolutions", rows, f"evolve={eid}", f"iter={iteration}.parquet")
     if evo.failed:
         raise EvolveFailed(f"evolve iteration {iteration}: {evo.failed} failed calls (see the evolutions view)")
@@ -399,7 +402,7 @@ def _evolve_with_layer(store, run_cfg, cfg, key, agent, endpoints, selected, cur
     """Run the evolution on the request layer: calls recorded under calls/batch=evolve-<key>,
     replayed from there on a rerun."""
     from toa.calls import CallLayer
-    from toa.engine import _calls_cache, make_client
+    from toa.engine import calls_cache, make_client
     from toa.storage import ShardWriter
 
     if not selected:
@@ -413,7 +416,7 @@ def _evolve_with_layer(store, run_cfg, cfg, key, agent, endpoints, selected, cur
 
     async def go():
         client = await make_client(agent_cfg, endpoints[agent])  # the agent's limits hold here too
-        layer = CallLayer({agent: client}, _calls_cache(store, batch), sink.append, cfg.seed, namespace="evolve")
+        layer = CallLayer({agent: client}, calls_cache(store, batch), sink.append, cfg.seed, namespace="evolve")
         try:
             evo = await evolve_prompts(selected, current, layer.for_prompt, agent, cfg, iteration, metric)
         finally:

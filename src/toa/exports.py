@@ -32,7 +32,7 @@ from typing import Any
 import polars as pl
 
 from toa.datasets import dpo_jsonl, sft_jsonl
-from toa.rows import SCHEMAS
+from toa.rows import conform
 from toa.storage import Store
 
 FORMATS = ("parquet", "jsonl", "hf")
@@ -150,7 +150,7 @@ def export_run(store: Store, run_id: str, out_dir: str | Path, formats: Iterable
         card = folder / "README.md"
         card.write_text(dataset_card(run_id, [method], counts, config), encoding="utf-8")
         paths.update({f"{method}/{name}": p for name, p in {**files, "README.md": card}.items()})
-        parts[method] = (sft_records(mine_sft)[1], mine_dpo.select(list(SCHEMAS["dpo"])))
+        parts[method] = (sft_records(mine_sft)[1], conform("dpo", mine_dpo))
     if push_to_hub:
         push(push_to_hub, dataset_card(run_id, methods, counts, config), parts)
     return paths

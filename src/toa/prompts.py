@@ -124,15 +124,11 @@ class PromptSource(BaseModel):
     def fingerprint(self) -> dict[str, Any]:
         """The fields that change which prompts come out; storage_options are left out on
         purpose (they hold credentials and do not change the data)."""
-        out = {
+        return {
             "path": self.path, "format": self.resolved_format(), "text_field": self.text_field,
             "id_field": self.id_field, "reference_field": self.reference_field, "limit": self.limit,
+            "answer_format": self.answer_format, "reference_fallback_field": self.reference_fallback_field,
         }
-        if self.answer_format != "raw":  # only when set: existing run ids stay as they were
-            out["answer_format"] = self.answer_format
-        if self.reference_fallback_field is not None:
-            out["reference_fallback_field"] = self.reference_fallback_field
-        return out
 
 
 # --- names and ids -------------------------------------------------------------------------
@@ -275,7 +271,7 @@ def gold_answer(reference: str, answer_format: str) -> str | None:
     if answer_format == "gsm8k" and "####" in text:
         text = text.rsplit("####", 1)[1].strip().replace(",", "")
     elif answer_format == "math":
-        from toa.reward.math_verify import _boxed_contents as boxed_contents
+        from toa.reward.math_verify import boxed_contents
 
         boxed = boxed_contents(text)
         text = boxed[-1].strip() if boxed else text

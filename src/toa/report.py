@@ -1,7 +1,7 @@
 """The report of one run: plots, a Markdown and a self-contained HTML page, Prefect artifacts.
 
-Everything comes from the SQL views (sql/analysis.sql, sql/summary.sql), so the report shows
-exactly what a user querying the database sees:
+Everything comes from the SQL views (sql/analysis.sql, sql/summary.sql) through the queries in
+sql/queries/report_*.sql, so the report shows exactly what a user querying the database sees:
 - curves.png: best reward against generations per prompt (k) and against tokens per prompt,
   one line per method; solid = expected best of k random samples (`best_of_k`), dashed = best
   of the first k in generation order (`best_of_k_prefix`, the reference's curve);
@@ -26,6 +26,7 @@ from typing import Any
 import polars as pl
 
 from toa.db import connect
+from toa.sql import query_text
 from toa.storage import Store
 
 CURVE_STYLES = {"expected": "-", "prefix": "--"}
@@ -47,33 +48,15 @@ class RunTables:
     accuracy: pl.DataFrame | None = None  # verifiable sources only (verdicts exist)
 
 
-# Every query binds the run id; the view names are fixed text.
-QUERIES = {
-    "summary": "SELECT * EXCLUDE (run_id) FROM method_summary WHERE run_id = ?",
-    "best_of_k": "SELECT method, k, best_reward, tokens, prompts FROM best_of_k WHERE run_id = ? ORDER BY method, k",
-    "prefix": "SELECT method, k, best_reward, tokens, prompts FROM best_of_k_prefix WHERE run_id = ? ORDER BY method, k",
-    "tokens": "SELECT * EXCLUDE (run_id) FROM reward_vs_tokens_summary WHERE run_id = ?",
-    "agent_share": "SELECT method, agent, best_prompts, prompts, share FROM agent_best_share WHERE run_id = ? ORDER BY method, agent",
-    "calls": """SELECT method, agent, calls, replayed, error_rate, prompt_tokens, completion_tokens,
-                       latency_p50_s, latency_p95_s, attempts, attempt_error_rate
-                FROM call_stats WHERE run_id = ? ORDER BY method, agent""",
-    "trees": """SELECT method, avg(depth) AS mean_depth, avg(max_width) AS mean_max_width,
-                       sum(refinements)::BIGINT AS refinements, sum(improved)::BIGINT AS improved,
-                       sum(improved) / nullif(sum(refinements), 0) AS improve_rate
-                FROM tree_stats WHERE run_id = ? GROUP BY method ORDER BY method""",
-    "dpo": "SELECT * EXCLUDE (run_id) FROM dpo_margin_summary WHERE run_id = ?",
-    "accuracy": """SELECT a.method, a.k, a.best_of_k, a.majority_vote, a.pass_at_k, a.prompts, s.sample_accuracy
-                   FROM accuracy_at_budget a JOIN accuracy_summary s USING (run_id, method)
-                   WHERE a.run_id = ? ORDER BY a.method, a.k""",
-}
-CONFIG_QUERY = "SELECT config_json FROM runs WHERE run_id = ? ORDER BY started_at DESC LIMIT 1"
+# The report's tables, one query file each (sql/queries/report_<name>.sql); each binds the run id.
+TABLES = ("summary", "best_of_k", "prefix", "tokens", "agent_share", "calls", "trees", "dpo", "accuracy")
 
 
 def load_tables(store: Store, run_id: str) -> RunTables:
     con = connect(store)
     try:
-        frames = {name: con.sql(sql, params=[run_id]).pl() for name, sql in QUERIES.items()}
-        configs = con.sql(CONFIG_QUERY, params=[run_id]).pl()["config_json"].to_list()
+        frames = {name: con.sql(query_text(f"report_{name}"), params=[run_id]).pl() for name in TABLES}
+        configs = con.sql(query_text("report_config"), params=[run_id]).pl()["config_json"].to_list()
     finally:
         con.close()
     if frames["summary"].is_empty():

@@ -1,9 +1,19 @@
 """The one row vocabulary every stage shares.
 
-Methods produce `Sample`s, the request layer produces `CallRecord`s, the reward service
-`RewardRecord`s, prompt loading `Prompt`s and `SkippedRow`s. Storage writes each kind to its
-own Parquet table with the schema below (`SCHEMAS`), and the SQL views in sql/ read those
-column names, so a rename here is a rename everywhere.
+Every stored table has one typed row class below, and `TABLES` maps the table name to it; the
+table's Parquet schema (`SCHEMAS`) is derived from that class's fields, so each column is
+declared once, as an annotated field. The SQL views in sql/ read those column names, so a rename
+here is a rename everywhere. `frame` turns rows into a DataFrame of the table's exact schema and
+raises `RowError` on a row with an unknown or missing column instead of storing a null.
+
+Methods return `Sample`s (stored as `SampleRow`s) and their parts of further tables (`TreeNode`,
+`ValueTarget`, `DialogueRecord`) without the run, method, batch and prompt they belong to: the
+engine knows those and completes each part into its table's row class (`BatchKeys`, `keyed`).
+The request layer produces `CallRecord`s, the reward service `RewardRecord`s, prompt loading
+`Prompt`s and `SkippedRow`s.
+
+Records that are not tables (a task's parameter or result, never passed to `frame`) live with
+the code that makes them: toa.tasks.prompts.BatchRef, toa.engine.BatchStats.
 
 Errors are data: a failed call or reward is a row with status "error" and its message; the
 reward stays None and is never turned into 0.
@@ -14,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +35,8 @@ OK = "ok"
 ERROR = "error"
 SKIPPED = "skipped"  # a Score for a sample that is not a response to the prompt (PRS feedback)
 
+Message = dict[str, str]  # one chat message: {"role": ..., "content": ...}
+
 
 def content_key(*parts: Any) -> str:
     """A stable sha256 over JSON-serialisable parts (sorted keys, no whitespace drift)."""
@@ -30,22 +44,7 @@ def content_key(*parts: Any) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-@dataclass(frozen=True)
-class Prompt:
-    prompt_id: str
-    text: str
-    reference: str | None = None  # what a reference-based reward needs (gold answer, reference text)
-    source: str = ""
-    line: int = 0  # 1-based line (jsonl/csv) or row (parquet) in the source
-
-
-@dataclass(frozen=True)
-class SkippedRow:
-    source: str
-    line: int
-    reason: str
-    raw: str  # the offending row, truncated
-
+# -- what methods see and return (not stored as they are) ----------------------------------
 
 @dataclass(frozen=True)
 class Generation:
@@ -90,7 +89,8 @@ class Score:
 
 @dataclass(frozen=True)
 class Sample:
-    """One generation as a method saw it, with its provenance. Methods return these."""
+    """One generation as a method saw it, with its provenance. Methods return these; the
+    engine stores each as a `SampleRow` (`sample_row`)."""
 
     generation: Generation
     score: Score
@@ -100,32 +100,27 @@ class Sample:
     order: int = 0  # position in the method's generation order (0-based)
 
 
-@dataclass(frozen=True)
-class TreeNode:
-    """One node of a search tree (TOA): kept so a tree can be drawn, replayed and queried."""
-
-    node_id: str  # unique within the prompt's tree, e.g. "n17"
-    parent_id: str | None
-    kind: str  # "root" | "agent" | "response"
-    agent: str | None
-    depth: int
-    visits: int
-    value: float | None  # mean of the backed-up values
-    n_values: int
-    sample_id: str | None  # the generation a response node holds
-    created: int  # creation order
-
-
 @dataclass
 class MethodOutput:
     """What a method returns: every sample it generated, and its tree if it searched one."""
 
     samples: list[Sample]
     nodes: list[TreeNode] = field(default_factory=list)
-    # Further rows for other tables of SCHEMAS, {table: [row dicts]}: the engine adds run_id,
-    # method, batch and prompt_id and writes one shard per (run, method, batch), like tree_nodes.
-    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # A method's rows of further tables, {table: [parts]}: each part is the table's row class
+    # less the BatchKeys (ValueTarget for value_targets, DialogueRecord for dialogues).
+    tables: dict[str, list[Any]] = field(default_factory=dict)
 
+    def table_rows(self, **keys: str) -> dict[str, list[Any]]:
+        """The tree nodes and the further tables as stored rows, completed with `keys`
+        (run_id, method, batch, prompt_id: what the engine knows and the method does not)."""
+        where = BatchKeys(**keys)
+        parts = {"tree_nodes": self.nodes, **self.tables} if self.nodes else self.tables
+        return {table: [keyed(table, part, where) for part in rows] for table, rows in parts.items()}
+
+
+# -- table rows --------------------------------------------------------------------------
+# One class per table (TABLES); its fields, in order, are the table's columns. A field's
+# annotation gives the column's dtype (`schema_of`); `| None` marks a column that may be null.
 
 @dataclass(frozen=True)
 class CallRecord:
@@ -160,128 +155,380 @@ class RewardRecord:
     created_at: float
 
 
-SCHEMAS: dict[str, dict[str, pl.DataType]] = {
-    "calls": {
-        "call_key": pl.Utf8, "prompt_id": pl.Utf8, "agent": pl.Utf8, "model": pl.Utf8,
-        "request_json": pl.Utf8, "seed": pl.Int64, "slot": pl.Int64, "text": pl.Utf8,
-        "finish_reason": pl.Utf8, "prompt_tokens": pl.Int64, "completion_tokens": pl.Int64,
-        "latency_s": pl.Float64, "status": pl.Utf8, "error": pl.Utf8, "created_at": pl.Float64,
-        "logprob": pl.Float64,
-    },
-    "rewards": {
-        "reward_key": pl.Utf8, "reward_id": pl.Utf8, "prompt_id": pl.Utf8,
-        "response_sha": pl.Utf8, "value": pl.Float64, "status": pl.Utf8, "error": pl.Utf8,
-        "latency_s": pl.Float64, "created_at": pl.Float64,
-    },
-    "samples": {
-        "run_id": pl.Utf8, "method": pl.Utf8, "batch": pl.Utf8, "prompt_id": pl.Utf8,
-        "sample_id": pl.Utf8, "order": pl.Int64, "agent": pl.Utf8, "action": pl.Utf8,
-        "parent_id": pl.Utf8, "depth": pl.Int64, "text": pl.Utf8, "finish_reason": pl.Utf8,
-        "prompt_tokens": pl.Int64, "completion_tokens": pl.Int64, "latency_s": pl.Float64,
-        "cached": pl.Boolean, "status": pl.Utf8, "error": pl.Utf8, "reward": pl.Float64,
-        "reward_status": pl.Utf8, "reward_error": pl.Utf8,
-    },
-    "tree_nodes": {
-        "run_id": pl.Utf8, "method": pl.Utf8, "batch": pl.Utf8, "prompt_id": pl.Utf8,
-        "node_id": pl.Utf8, "parent_id": pl.Utf8, "kind": pl.Utf8, "agent": pl.Utf8,
-        "depth": pl.Int64, "visits": pl.Int64, "value": pl.Float64, "n_values": pl.Int64,
-        "sample_id": pl.Utf8, "created": pl.Int64,
-    },
-    # step_mcts: per visited node, the state (prompt + steps so far) and its mean verified
-    # outcome over `visits` rollouts: training targets for a value model.
-    "value_targets": {
-        "run_id": pl.Utf8, "method": pl.Utf8, "batch": pl.Utf8, "prompt_id": pl.Utf8,
-        "node_id": pl.Utf8, "parent_id": pl.Utf8, "depth": pl.Int64, "prompt": pl.Utf8,
-        "state": pl.Utf8, "visits": pl.Int64, "value": pl.Float64, "prior": pl.Float64,
-        "terminal": pl.Boolean,
-    },
-    "prompts": {
-        "prompt_id": pl.Utf8, "text": pl.Utf8, "reference": pl.Utf8, "source": pl.Utf8,
-        "line": pl.Int64, "batch": pl.Utf8,
-    },
-    "skipped_rows": {"source": pl.Utf8, "line": pl.Int64, "reason": pl.Utf8, "raw": pl.Utf8},
-    "runs": {
-        "run_id": pl.Utf8, "started_at": pl.Float64, "config_json": pl.Utf8,
-        "models_json": pl.Utf8, "reward_id": pl.Utf8,
-    },
-    "sft": {
-        "run_id": pl.Utf8, "method": pl.Utf8, "prompt_id": pl.Utf8, "prompt": pl.Utf8,
-        "response": pl.Utf8, "agent": pl.Utf8, "action": pl.Utf8, "reward": pl.Float64,
-        "sample_id": pl.Utf8, "n_samples": pl.Int64,
-        "messages": pl.Utf8,  # chat JSON for multi-turn examples (dialogue methods); null: [prompt, response]
-    },
-    "dpo": {
-        "run_id": pl.Utf8, "method": pl.Utf8, "prompt_id": pl.Utf8, "prompt": pl.Utf8,
-        "chosen": pl.Utf8, "rejected": pl.Utf8, "chosen_agent": pl.Utf8,
-        "rejected_agent": pl.Utf8, "chosen_reward": pl.Float64, "rejected_reward": pl.Float64,
-        "rejected_rank": pl.Int64, "chosen_id": pl.Utf8, "rejected_id": pl.Utf8,
-        "prompt_messages": pl.Utf8,  # chat JSON of a multi-turn context (dialogue methods); null: prompt alone
-    },
-    # one row per dialogue of the `optima` method (toa.methods.dialogue)
-    "dialogues": {
-        "run_id": pl.Utf8, "method": pl.Utf8, "batch": pl.Utf8, "prompt_id": pl.Utf8,
-        "dialogue_id": pl.Utf8, "mode": pl.Utf8, "speakers": pl.Utf8, "turns": pl.Int64,
-        "stop_reason": pl.Utf8, "final_answer": pl.Utf8, "correct": pl.Float64, "tokens": pl.Int64,
-        "max_loss": pl.Float64, "reward_kind": pl.Utf8, "reward": pl.Float64, "reward_status": pl.Utf8,
-        "reward_error": pl.Utf8, "utterance_ids": pl.Utf8,
-    },
-    # Prompt evolution (toa.evolve): one row per evolution step, kept or rejected (with why).
-    "evolutions": {
-        "evolve_id": pl.Utf8, "iteration": pl.Int64, "from_run_id": pl.Utf8, "prompt_id": pl.Utf8,
-        "parent_prompt_id": pl.Utf8, "root_prompt_id": pl.Utf8, "step": pl.Int64, "kind": pl.Utf8,
-        "kinds": pl.Utf8, "agent": pl.Utf8, "call_key": pl.Utf8, "reference_call_key": pl.Utf8,
-        "text": pl.Utf8, "reference": pl.Utf8, "status": pl.Utf8, "reason": pl.Utf8,
-        "metric": pl.Utf8, "parent_metric": pl.Float64,
-    },
-    # One row per evolve-loop iteration: which run sampled which prompt set.
-    "evolve_iterations": {
-        "evolve_id": pl.Utf8, "iteration": pl.Int64, "run_id": pl.Utf8, "prompts_path": pl.Utf8,
-        "prompts": pl.Int64, "evolved": pl.Int64, "selected": pl.Int64, "created_at": pl.Float64,
-    },
-    # Correctness of every generation of a verifiable prompt source (toa.verdicts).
-    "verdicts": {
-        "run_id": pl.Utf8, "method": pl.Utf8, "prompt_id": pl.Utf8, "sample_id": pl.Utf8,
-        "answer": pl.Utf8, "correct": pl.Boolean, "verifier": pl.Utf8,
-    },
+@dataclass(frozen=True)
+class BatchKeys:
+    """Where a method's row belongs. Not a table: the first columns of the tables a method
+    writes. The engine knows them and a method does not, so a method returns its part of such
+    a row (e.g. `TreeNode`) and the stored row class (`TreeNodeRow`) adds these in front."""
+
+    run_id: str
+    method: str
+    batch: str
+    prompt_id: str
+
+
+@dataclass(frozen=True)
+class SampleRow(BatchKeys):
+    """A `samples` row: a `Sample` flattened, with its keys (made by `sample_row`)."""
+
+    sample_id: str
+    order: int
+    agent: str
+    action: str
+    parent_id: str | None
+    depth: int
+    text: str | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    cached: bool
+    status: str
+    error: str | None
+    reward: float | None
+    reward_status: str
+    reward_error: str | None
+
+
+@dataclass(frozen=True)
+class TreeNode:
+    """One node of a search tree (TOA): kept so a tree can be drawn, replayed and queried.
+    A method's part of a `tree_nodes` row."""
+
+    node_id: str  # unique within the prompt's tree, e.g. "n17"
+    parent_id: str | None
+    kind: str  # "root" | "agent" | "response"
+    agent: str | None
+    depth: int
+    visits: int
+    value: float | None  # mean of the backed-up values
+    n_values: int
+    sample_id: str | None  # the generation a response node holds
+    created: int  # creation order
+
+
+# A dataclass takes its bases' fields from the last base to the first: the keys come first,
+# then the method's part, as the stored columns are ordered.
+@dataclass(frozen=True)
+class TreeNodeRow(TreeNode, BatchKeys):
+    """A `tree_nodes` row."""
+
+
+@dataclass(frozen=True)
+class ValueTarget:
+    """step_mcts: a visited node's state (prompt + steps so far) and its mean verified outcome
+    over `visits` rollouts, a training target for a value model. A method's part of a
+    `value_targets` row."""
+
+    node_id: str
+    parent_id: str | None
+    depth: int
+    prompt: str
+    state: str
+    visits: int
+    value: float | None
+    prior: float | None
+    terminal: bool
+
+
+@dataclass(frozen=True)
+class ValueTargetRow(ValueTarget, BatchKeys):
+    """A `value_targets` row."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt_id: str
+    text: str
+    reference: str | None = None  # what a reference-based reward needs (gold answer, reference text)
+    source: str = ""
+    line: int = 0  # 1-based line (jsonl/csv) or row (parquet) in the source
+
+
+@dataclass(frozen=True, kw_only=True)  # kw_only: a field without default after Prompt's defaults
+class PromptRow(Prompt):
+    """A `prompts` row: the prompt and the batch it was loaded into."""
+
+    batch: str
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    source: str
+    line: int
+    reason: str
+    raw: str  # the offending row, truncated
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A `runs` row: one per start of a run."""
+
+    run_id: str
+    started_at: float
+    config_json: str
+    models_json: str  # agents' model identities, base URLs, launch settings, template hashes
+    reward_id: str
+
+
+@dataclass(frozen=True)
+class SftRow:
+    run_id: str
+    method: str
+    prompt_id: str
+    prompt: str | None
+    response: str | None
+    agent: str
+    action: str
+    reward: float | None
+    sample_id: str
+    n_samples: int
+    messages: str | None  # chat JSON for multi-turn examples (dialogue methods); null: [prompt, response]
+
+
+@dataclass(frozen=True)
+class DpoRow:
+    run_id: str
+    method: str
+    prompt_id: str
+    prompt: str | None
+    chosen: str
+    rejected: str
+    chosen_agent: str
+    rejected_agent: str
+    chosen_reward: float
+    rejected_reward: float
+    rejected_rank: int
+    chosen_id: str
+    rejected_id: str
+    prompt_messages: str | None  # chat JSON of a multi-turn context (dialogue methods); null: prompt alone
+
+
+@dataclass(frozen=True)
+class DialogueRecord:
+    """One dialogue of the `optima` method (toa.methods.optima); its utterances are samples.
+    The method's part of a `dialogues` row."""
+
+    dialogue_id: str
+    mode: str
+    speakers: str  # JSON list of the two agents
+    turns: int
+    stop_reason: str | None
+    final_answer: str | None
+    correct: float | None
+    tokens: int
+    max_loss: float | None
+    reward_kind: str
+    reward: float | None
+    reward_status: str
+    reward_error: str | None
+    utterance_ids: str  # JSON list of the utterances' sample_ids, root to leaf
+
+
+@dataclass(frozen=True)
+class DialogueRow(DialogueRecord, BatchKeys):
+    """A `dialogues` row."""
+
+
+@dataclass(frozen=True)
+class EvolutionRow:
+    """Prompt evolution (toa.evolve): one row per evolution step, kept or rejected (with why)."""
+
+    evolve_id: str
+    iteration: int
+    from_run_id: str
+    prompt_id: str | None
+    parent_prompt_id: str
+    root_prompt_id: str
+    step: int
+    kind: str
+    kinds: str  # the chain of kinds from the root to this prompt, "deepen>breadth"
+    agent: str
+    call_key: str | None
+    reference_call_key: str | None
+    text: str | None
+    reference: str | None
+    status: str
+    reason: str | None
+    metric: str
+    parent_metric: float | None
+
+
+@dataclass(frozen=True)
+class EvolveIterationRow:
+    """One row per evolve-loop iteration: which run sampled which prompt set."""
+
+    evolve_id: str
+    iteration: int
+    run_id: str
+    prompts_path: str
+    prompts: int
+    evolved: int
+    selected: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class VerdictRow:
+    """Correctness of one generation of a verifiable prompt source (toa.verdicts)."""
+
+    run_id: str
+    method: str
+    prompt_id: str
+    sample_id: str
+    answer: str | None
+    correct: bool
+    verifier: str
+
+
+TABLES: dict[str, type] = {
+    "calls": CallRecord,
+    "rewards": RewardRecord,
+    "samples": SampleRow,
+    "tree_nodes": TreeNodeRow,
+    "value_targets": ValueTargetRow,
+    "prompts": PromptRow,
+    "skipped_rows": SkippedRow,
+    "runs": RunRecord,
+    "sft": SftRow,
+    "dpo": DpoRow,
+    "dialogues": DialogueRow,
+    "evolutions": EvolutionRow,
+    "evolve_iterations": EvolveIterationRow,
+    "verdicts": VerdictRow,
 }
+
+DTYPES: dict[type, pl.DataType] = {str: pl.Utf8, int: pl.Int64, float: pl.Float64, bool: pl.Boolean}
+
+
+def schema_of(row_class: type) -> dict[str, pl.DataType]:
+    """The Parquet schema of a row class: its fields in order, each annotation (`X` or
+    `X | None`) mapped to a polars dtype by DTYPES."""
+    hints = typing.get_type_hints(row_class)
+    schema = {}
+    for f in dataclasses.fields(row_class):
+        hint = hints[f.name]
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            hint = args[0] if len(args) == 1 else hint
+        if hint not in DTYPES:
+            raise TypeError(f"{row_class.__name__}.{f.name}: no column dtype for {hints[f.name]!r}")
+        schema[f.name] = DTYPES[hint]
+    return schema
+
+
+SCHEMAS: dict[str, dict[str, pl.DataType]] = {table: schema_of(cls) for table, cls in TABLES.items()}
+
+
+class RowError(ValueError):
+    """A row that does not fit its table: an unknown or missing column, or another kind of row."""
+
+
+def _schema(table: str) -> dict[str, pl.DataType]:
+    if table not in SCHEMAS:
+        raise RowError(f"unknown table {table!r}; tables: {', '.join(SCHEMAS)}")
+    return SCHEMAS[table]
+
+
+def _values(table: str, row: Any) -> tuple:
+    """One row's column values in the table's order. A typed row must be the table's class; a
+    dict (accepted while writers move to typed rows) must have exactly the table's columns."""
+    schema = _schema(table)
+    if isinstance(row, TABLES[table]):
+        return tuple(getattr(row, c) for c in schema)
+    if not isinstance(row, dict):
+        raise RowError(f"table {table!r} takes {TABLES[table].__name__} rows, not {type(row).__name__}")
+    unknown = [k for k in row if k not in schema]
+    missing = [c for c in schema if c not in row]
+    if unknown or missing:
+        problems = ([f"unknown column(s) {', '.join(map(repr, unknown))}"] if unknown else []) + \
+                   ([f"missing column(s) {', '.join(map(repr, missing))}"] if missing else [])
+        raise RowError(f"table {table!r}: {'; '.join(problems)}")
+    return tuple(row[c] for c in schema)
 
 
 def frame(table: str, rows: list[Any]) -> pl.DataFrame:
-    """Rows (dataclasses or dicts) as a DataFrame with the table's exact schema."""
-    dicts = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r for r in rows]
-    schema = SCHEMAS[table]
-    return pl.DataFrame([{k: d.get(k) for k in schema} for d in dicts], schema=schema, orient="row") if dicts \
-        else pl.DataFrame(schema=schema)
+    """Rows (the table's row class, or dicts with exactly its columns) as a DataFrame with the
+    table's exact schema; raises RowError on an unknown or missing column."""
+    schema = _schema(table)
+    if not rows:
+        return pl.DataFrame(schema=schema)
+    return pl.DataFrame([_values(table, r) for r in rows], schema=schema, orient="row")
 
 
-def sample_row(sample: Sample, *, run_id: str, method: str, batch: str, prompt_id: str) -> dict:
+def conform(table: str, df: pl.DataFrame) -> pl.DataFrame:
+    """A computed frame (joins, group-bys) as the table's rows: its columns in the table's order
+    and dtypes (a count comes out of polars as UInt32, the table holds Int64). Helper columns of
+    the computation are dropped; a missing column raises RowError."""
+    schema = _schema(table)
+    missing = [c for c in schema if c not in df.columns]
+    if missing:
+        raise RowError(f"table {table!r}: missing column(s) {', '.join(map(repr, missing))}")
+    return df.select(pl.col(c).cast(dtype) for c, dtype in schema.items())
+
+
+def keyed(table: str, part: Any, keys: BatchKeys) -> Any:
+    """A method's part of a row (e.g. a TreeNode) completed with its keys into the table's row
+    class; a part with a field the table lacks, or lacking one it has, raises RowError."""
+    _schema(table)
+    if not dataclasses.is_dataclass(part) or isinstance(part, type):
+        raise RowError(f"table {table!r}: a method's rows are dataclasses, not {type(part).__name__}")
+    values = {f.name: getattr(part, f.name) for f in dataclasses.fields(part)}
+    try:
+        return TABLES[table](**dataclasses.asdict(keys), **values)
+    except TypeError as exc:  # unexpected / missing / repeated keyword: a field that does not fit
+        raise RowError(f"table {table!r}: {type(part).__name__} does not fit {TABLES[table].__name__}: {exc}") from None
+
+
+def sample_row(sample: Sample, *, run_id: str, method: str, batch: str, prompt_id: str) -> SampleRow:
     g, s = sample.generation, sample.score
-    return {
-        "run_id": run_id, "method": method, "batch": batch, "prompt_id": prompt_id,
-        "sample_id": g.sample_id, "order": sample.order, "agent": g.agent,
-        "action": sample.action, "parent_id": sample.parent_id, "depth": sample.depth,
-        "text": g.text, "finish_reason": g.finish_reason, "prompt_tokens": g.prompt_tokens,
-        "completion_tokens": g.completion_tokens, "latency_s": g.latency_s, "cached": g.cached,
-        "status": g.status, "error": g.error, "reward": s.value, "reward_status": s.status,
-        "reward_error": s.error,
-    }
+    return SampleRow(
+        run_id=run_id, method=method, batch=batch, prompt_id=prompt_id,
+        sample_id=g.sample_id, order=sample.order, agent=g.agent,
+        action=sample.action, parent_id=sample.parent_id, depth=sample.depth,
+        text=g.text, finish_reason=g.finish_reason, prompt_tokens=g.prompt_tokens,
+        completion_tokens=g.completion_tokens, latency_s=g.latency_s, cached=g.cached,
+        status=g.status, error=g.error, reward=s.value, reward_status=s.status,
+        reward_error=s.error,
+    )
 
 
 __all__ = [
+    "DTYPES",
     "ERROR",
     "OK",
     "SCHEMAS",
     "SKIPPED",
+    "TABLES",
+    "BatchKeys",
     "CallRecord",
+    "DialogueRecord",
+    "DialogueRow",
+    "DpoRow",
+    "EvolutionRow",
+    "EvolveIterationRow",
     "Generation",
+    "Message",
     "MethodOutput",
     "Prompt",
+    "PromptRow",
     "RewardRecord",
+    "RowError",
+    "RunRecord",
     "Sample",
+    "SampleRow",
     "Score",
+    "SftRow",
     "SkippedRow",
     "TreeNode",
+    "TreeNodeRow",
+    "ValueTarget",
+    "ValueTargetRow",
+    "VerdictRow",
+    "conform",
     "content_key",
     "frame",
+    "keyed",
     "sample_row",
+    "schema_of",
 ]

@@ -14,7 +14,7 @@ Only `TaskRunnerConfig` is imported by the config module; Prefect and Dask load 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -100,16 +100,14 @@ def api_for_workers(task_runner) -> Iterator[None]:
         yield
 
 
-def close_worker_engines(task_runner) -> dict[str, str]:
-    """Close the engines (clients, reward service, any reward server it launched) in every Dask
-    worker process of a started runner: workers of an existing cluster outlive the run. Returns
-    {worker address: "closed" or the error}; for the thread pool there is nothing to do here
-    (the flow closes its own process's engines)."""
+def close_worker_engines(task_runner, close_engines: Callable[[], None]) -> dict[str, str]:
+    """Run `close_engines` (the run's engines: clients, reward service, any reward server it
+    launched) in every Dask worker process of a started runner: workers of an existing cluster
+    outlive the run. Returns {worker address: "closed" or the error}; for the thread pool there
+    is nothing to do here (the flow closes its own process's engines)."""
     client = getattr(task_runner, "_client", None) if _is_dask(task_runner) else None
     if client is None:  # never connected (nothing was submitted): no engines out there
         return {}
-    from toa.engine import close_engines
-
     try:
         done = client.run(close_engines, on_error="return")
     except Exception as exc:  # a lost cluster: nothing left to close there

@@ -25,7 +25,7 @@ import polars as pl
 from fsspec.implementations.local import LocalFileSystem
 
 from toa.errors import UserError
-from toa.rows import SCHEMAS, frame
+from toa.rows import SCHEMAS, TABLES, frame
 
 try:
     import fcntl  # journal locks (POSIX); without it writers keep only the in-memory buffer
@@ -210,15 +210,18 @@ class ShardWriter:
                 continue
             for line in fh.read().splitlines():
                 try:
-                    rows.append(json.loads(line))
+                    data = json.loads(line)
                 except json.JSONDecodeError:
-                    pass  # the line being written when the process died
+                    continue  # the line being written when the process died
+                # typed again (CallRecord / RewardRecord): a journal from before a column with
+                # a default was added still loads; an unknown column raises
+                rows.append(TABLES[self.table](**data))
             done.append((path, fh))
         if rows:
             # a row is identified by its key and creation time (an ok row may follow an error one)
             ident = [key, "created_at"] if "created_at" in SCHEMAS[self.table] else [key]
             stored = set(self.store.read(self.table, *self.parts).select(ident).iter_rows())
-            fresh = {tuple(r.get(c) for c in ident): r for r in rows}
+            fresh = {tuple(getattr(r, c) for c in ident): r for r in rows}
             fresh = {k: r for k, r in fresh.items() if k not in stored}
             if fresh:
                 self.store.write_rows(self.table, list(fresh.values()), *self.parts, f"part-{uuid.uuid4().hex}.parquet")

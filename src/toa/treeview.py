@@ -1,4 +1,4 @@
-"""Readable views of one stored TOA search tree (methods.md §5; tables in `toa.rows`).
+"""Readable views of one stored TOA search tree (docs/methods.md §5; tables in `toa.rows`).
 
 A tree is the `tree_nodes` rows of one (run_id, method, prompt_id), joined to its `samples`
 rows through a response node's `sample_id`. Three entry points:

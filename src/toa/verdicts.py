@@ -17,7 +17,7 @@ from __future__ import annotations
 import polars as pl
 
 from toa.reward import math_verify as mv
-from toa.rows import OK, SKIPPED, Prompt, frame
+from toa.rows import OK, SKIPPED, Prompt, VerdictRow, frame
 from toa.storage import Store
 
 VERIFIER = mv.IDENTITY
@@ -26,7 +26,7 @@ VERIFIER = mv.IDENTITY
 def extracted_answer(response: str, reference: str) -> str | None:
     """The response's final answer as comparable text, the way the verifier reads it."""
     if mv.gold_value(reference) is None and mv.is_symbolic(reference):
-        boxed = mv._boxed_contents(mv._clean(response))
+        boxed = mv.boxed_contents(mv.clean(response))
         return mv.normalize_symbolic(boxed[-1]) if boxed else None
     value = mv.extract_answer(response)
     return None if value is None else f"{value:.10g}"
@@ -40,7 +40,7 @@ def verdict(prompt: Prompt, response: str) -> tuple[str | None, bool] | None:
     return extracted_answer(response, str(prompt.reference)), score.value == 1.0
 
 
-def verdict_rows(samples: pl.DataFrame, prompts: dict[str, Prompt]) -> list[dict]:
+def verdict_rows(samples: pl.DataFrame, prompts: dict[str, Prompt]) -> list[VerdictRow]:
     """One row per successful generation that answers a prompt with a checkable reference (PRS
     feedback calls, whose reward is 'skipped', are not answers)."""
     rows = []
@@ -50,8 +50,8 @@ def verdict_rows(samples: pl.DataFrame, prompts: dict[str, Prompt]) -> list[dict
         judged = verdict(prompt, s["text"]) if prompt is not None else None
         if judged is None:
             continue
-        rows.append({"run_id": s["run_id"], "method": s["method"], "prompt_id": s["prompt_id"],
-                     "sample_id": s["sample_id"], "answer": judged[0], "correct": judged[1], "verifier": VERIFIER})
+        rows.append(VerdictRow(run_id=s["run_id"], method=s["method"], prompt_id=s["prompt_id"],
+                               sample_id=s["sample_id"], answer=judged[0], correct=judged[1], verifier=VERIFIER))
     return rows
 
 

@@ -1,15 +1,25 @@
 """Sampling methods. Importing this package registers every method; a new method is one new
-module plus one import line here."""
+module, named after the method's registered name, plus one import line here."""
 
-from toa.methods import (  # noqa: F401  (prs, prs_feedback, sequential_refine, moa, toa)
-    dialogue,
-    mcts,
+from toa.methods import (  # noqa: F401  (each module registers its method)
     moa,
-    parallel,
+    optima,
+    parallel_ensemble,
     prs,
-    sequential,
+    prs_feedback,
+    random,
+    sequential_refine,
     step_mcts,
+    toa,
 )
-from toa.methods.base import Method, MethodContext, get_method, method_names, register
+from toa.methods.base import (
+    Method,
+    MethodContext,
+    Options,
+    get_method,
+    method_class,
+    method_names,
+    register,
+)
 
-__all__ = ["Method", "MethodContext", "get_method", "method_names", "register"]
+__all__ = ["Method", "MethodContext", "Options", "get_method", "method_class", "method_names", "register"]

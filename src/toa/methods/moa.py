@@ -1,4 +1,4 @@
-"""Mixture of Agents, the TOA paper's variant (methods.md §4; arXiv 2412.17061).
+"""Mixture of Agents, the TOA paper's variant (docs/methods.md §4; arXiv 2412.17061).
 
 n rounds of M generations (one per agent, in the configured order) = n * M samples. Rounds are
 grouped into stacks of `n_iter` layers (default 4, the paper's; 3 for translation); stacks
@@ -14,7 +14,7 @@ repeat until n rounds have run, the last one cut short when n is not a multiple 
 
 Label `<agent>_<layer>` (layer within its stack), depth = layer, order = round * M + agent index.
 
-Decisions where methods.md is silent:
+Decisions where the rules are silent:
 - parent_id = the agent's own response in the previous layer (one of the aggregated ones), so
   that a lineage per agent can be followed; None in layer 0. All aggregated sample ids of a
   layer are the previous round's samples, recoverable from `order`.
@@ -29,8 +29,10 @@ from __future__ import annotations
 import asyncio
 import random
 
-from toa.methods.base import Message, MethodContext, register, score_all, user
-from toa.rows import Generation, MethodOutput, Sample
+from pydantic import Field
+
+from toa.methods.base import Method, MethodContext, Options, register, score_all, user
+from toa.rows import Generation, Message, MethodOutput, Sample
 from toa.templates import load
 
 DEFAULT_N_ITER = 4
@@ -43,16 +45,25 @@ def aggregate_messages(question: str, responses: list[str]) -> list[Message]:
             {"role": "user", "content": question}]
 
 
+class MoAOptions(Options):
+    n_iter: int = Field(DEFAULT_N_ITER, ge=1, description="Layers per pass: layer r aggregates layer r-1 unless r % n_iter == 0, which answers the prompt afresh.")
+    num_aggregation: int | None = Field(None, ge=1, description="Most previous-layer responses shown to an aggregator (None: all of them).")
+
+
 @register
-class MoA:
+class MoA(Method):
     """Layers of all agents, each layer aggregating the previous one; every output a sample."""
 
     name = "moa"
+    Options = MoAOptions
 
-    def __init__(self, n_iter: int = DEFAULT_N_ITER, num_aggregation: int | None = None):
-        if n_iter < 1:
-            raise ValueError(f"moa: n_iter must be >= 1, got {n_iter}")
-        self.n_iter, self.num_aggregation = n_iter, num_aggregation
+    @property
+    def n_iter(self) -> int:
+        return self.options.n_iter
+
+    @property
+    def num_aggregation(self) -> int | None:
+        return self.options.num_aggregation
 
     async def run(self, ctx: MethodContext) -> MethodOutput:
         rounds: list[tuple[list[Generation], list[str | None]]] = []

@@ -1,4 +1,4 @@
-"""PRS, preference-guided reflective sampling (methods.md §2; PRS paper arXiv 2408.12163, used
+"""PRS, preference-guided reflective sampling (docs/methods.md §2; PRS paper arXiv 2408.12163, used
 as a single-agent baseline in the TOA paper arXiv 2412.17061).
 
 One agent (the first configured) gets the equal budget N = n * M, split into N0 = floor(N / 2)
@@ -11,7 +11,7 @@ first-layer samples of the prompt and N1 = N - N0 refinements of the best of the
 agent once for feedback on y* with respect to a preference text z (default: templates
 preference.txt) and puts that feedback into the refine prompt.
 
-Decisions where methods.md is silent:
+Decisions where the rules are silent:
 - The feedback call is an EXTRA generation on top of N: the N samples that compete for the best
   response stay N0 + N1 = n * M, as in every other method, and the feedback costs one more call
   whose tokens are recorded. It is kept as a Sample with action `<agent>_feedback`, depth 1,
@@ -27,8 +27,10 @@ Decisions where methods.md is silent:
 
 from __future__ import annotations
 
-from toa.methods.base import MethodContext, register, score_all, user
-from toa.rows import Generation, MethodOutput, Sample, Score, SKIPPED
+from pydantic import Field
+
+from toa.methods.base import Method, MethodContext, Options, register, score_all, user
+from toa.rows import SKIPPED, Generation, MethodOutput, Sample, Score
 from toa.templates import load
 
 DEFAULT_PREFERENCE = load("preference").text
@@ -44,12 +46,21 @@ def best_index(scores: list[Score]) -> int | None:
     return -max(scored)[1] if scored else None
 
 
-class _PRS:
-    name = ""
+class PRSOptions(Options):
+    preference: str | None = Field(None, description="The preference text z the feedback call judges y* against (prs_feedback); None: templates/preference.txt.")
+
+
+@register
+class PRS(Method):
+    """PRS without feedback: the TOA paper's baseline."""
+
+    name = "prs"
+    Options = PRSOptions
     feedback = False
 
-    def __init__(self, preference: str | None = None):
-        self.preference = preference or DEFAULT_PREFERENCE
+    @property
+    def preference(self) -> str:
+        return self.options.preference or DEFAULT_PREFERENCE
 
     async def run(self, ctx: MethodContext) -> MethodOutput:
         agent, n_total = ctx.agents[0], ctx.budget
@@ -79,18 +90,3 @@ class _PRS:
         prompt = load("feedback").render(question=ctx.prompt.text, answer=y_star.text or "",
                                          preference=self.preference)
         return (await ctx.generate(agent, user(prompt), 1))[0]
-
-
-@register
-class PRS(_PRS):
-    """PRS without feedback: the TOA paper's baseline."""
-
-    name = "prs"
-
-
-@register
-class PRSFeedback(_PRS):
-    """PRS with one feedback call on y* (the PRS paper's variant)."""
-
-    name = "prs_feedback"
-    feedback = True

@@ -1,4 +1,4 @@
-"""Step-level MCTS with a verifier (issue 7 item 3; after mcts-llm-sampler, moved from tokens
+"""Step-level MCTS with a verifier (docs/methods.md §9; after mcts-llm-sampler, moved from tokens
 to reasoning steps as its author recommends).
 
 For verifiable prompts (GSM8K/MATH-style, a gold answer in `prompt.reference`). One tree per
@@ -68,41 +68,40 @@ from __future__ import annotations
 import asyncio
 import math
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
 
-from toa.methods.base import MethodContext, register, score_all
+from pydantic import Field
+
+from toa.methods.base import Method, MethodContext, Options, register, score_all
 from toa.reward.math_verify import score_one
-from toa.rows import ERROR, SKIPPED, Generation, MethodOutput, Sample, Score, TreeNode
+from toa.rows import (
+    ERROR,
+    SKIPPED,
+    Generation,
+    MethodOutput,
+    Sample,
+    Score,
+    TreeNode,
+    ValueTarget,
+)
 
 ROOT, STEP, ANSWER, ROLLOUT = "root", "step", "answer", "rollout"
 CONTINUE = {"continue_final_message": True, "add_generation_prompt": False}  # vLLM chat extras
 STEP_SKIPPED = Score(None, SKIPPED, "a reasoning step, not a response to the prompt")
 
 
-@dataclass(frozen=True)
-class StepMCTSOptions:
-    k: int = 4  # continuations sampled per expansion (before deduplication)
-    c_puct: float = 1.0
-    prior_temperature: float = 1.0
-    prior_mix: float = 0.0  # weight of the uniform distribution in the priors
-    fpu: float = 0.0  # Q of an unvisited child (first-play urgency)
-    simulations: int | None = None  # None: n * M
-    parallel: int = 1  # simulations per wave in one tree
-    virtual_loss: int = 3  # pending visits (each worth 0) a wave's path adds to its nodes
-    max_depth: int = 8  # most steps in a state; a node there is rolled out, never expanded
-    step_max_tokens: int = 64
-    rollout_max_tokens: int = 256
-    agent: str | None = None  # None: simulation i uses agents[i % M]
-
-    def check(self) -> None:
-        if self.k < 1 or self.parallel < 1 or self.max_depth < 1 or self.virtual_loss < 0:
-            raise ValueError(f"step_mcts: need k, parallel, max_depth >= 1 and virtual_loss >= 0; got {self}")
-        if self.c_puct < 0 or self.prior_temperature <= 0 or not 0 <= self.prior_mix <= 1:
-            raise ValueError(f"step_mcts: need c_puct >= 0, prior_temperature > 0, 0 <= prior_mix <= 1; got {self}")
-        if self.simulations is not None and self.simulations < 1:
-            raise ValueError(f"step_mcts: simulations must be >= 1, got {self.simulations}")
-        if self.step_max_tokens < 1 or self.rollout_max_tokens < 1:
-            raise ValueError(f"step_mcts: token limits must be >= 1; got {self}")
+class StepMCTSOptions(Options):
+    k: int = Field(4, ge=1, description="Continuations sampled per expansion (before deduplication).")
+    c_puct: float = Field(1.0, ge=0, description="Exploration weight in PUCT.")
+    prior_temperature: float = Field(1.0, gt=0, description="Temperature of the softmax over continuation log-probabilities that gives the priors.")
+    prior_mix: float = Field(0.0, ge=0, le=1, description="Weight of the uniform distribution mixed into the priors.")
+    fpu: float = Field(0.0, description="Q of an unvisited child (first-play urgency).")
+    simulations: int | None = Field(None, ge=1, description="Simulations per prompt; None: n * M.")
+    parallel: int = Field(1, ge=1, description="Simulations per wave in one tree.")
+    virtual_loss: int = Field(3, ge=0, description="Pending visits (each worth 0) a wave's path adds to its nodes.")
+    max_depth: int = Field(8, ge=1, description="Most steps in a state; a node there is rolled out, never expanded.")
+    step_max_tokens: int = Field(64, ge=1, description="Token cap of one reasoning step.")
+    rollout_max_tokens: int = Field(256, ge=1, description="Token cap of a rollout to the answer.")
+    agent: str | None = Field(None, description="The one agent to use; None: simulation i uses agents[i % M].")
 
 
 @dataclass(eq=False)
@@ -156,7 +155,7 @@ class StepTree:
     """The tree of one prompt and the PUCT rules that read it."""
 
     def __init__(self, opts: StepMCTSOptions):
-        self.opts = opts
+        self.options = opts
         self.nodes: list[StepNode] = []
         self.root = self.new(0, None)
 
@@ -169,9 +168,9 @@ class StepTree:
 
     def puct(self, child: StepNode, parent: StepNode) -> float:
         n = child.visits + child.virtual
-        q = child.total / n if n else self.opts.fpu  # a virtual visit counts as an outcome of 0
+        q = child.total / n if n else self.options.fpu  # a virtual visit counts as an outcome of 0
         n_parent = parent.visits + parent.virtual
-        return q + self.opts.c_puct * child.prior * math.sqrt(max(1, n_parent)) / (1 + n)
+        return q + self.options.c_puct * child.prior * math.sqrt(max(1, n_parent)) / (1 + n)
 
     def best_child(self, node: StepNode) -> StepNode:
         return max(node.children, key=lambda c: (self.puct(c, node), c.prior, -c.created))
@@ -183,13 +182,13 @@ class StepTree:
         return path
 
     def needs_expansion(self, node: StepNode) -> bool:
-        return (not node.terminal and node.depth < self.opts.max_depth
+        return (not node.terminal and node.depth < self.options.max_depth
                 and (node.parent is None or node.visits > 0))
 
     def mark(self, path: list[StepNode], sign: int) -> None:
         """Add (+1) or remove (-1) a pending simulation's virtual loss along its path."""
         for node in path:
-            node.virtual += sign * self.opts.virtual_loss
+            node.virtual += sign * self.options.virtual_loss
 
     @staticmethod
     def backup(path: list[StepNode], outcome: float) -> None:
@@ -199,27 +198,23 @@ class StepTree:
 
 
 @register
-class StepMCTS:
+class StepMCTS(Method):
     """Step-level MCTS valued by verified rollouts; see the module docstring."""
 
-    name: ClassVar[str] = "step_mcts"
+    name = "step_mcts"
+    Options = StepMCTSOptions
 
-    def __init__(self, **options):
-        unknown = set(options) - set(StepMCTSOptions.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"step_mcts: unknown option(s) {sorted(unknown)}; known: "
-                             f"{sorted(StepMCTSOptions.__dataclass_fields__)}")
-        self.opts = StepMCTSOptions(**options)
-        self.opts.check()
+    def generations(self, m: int, n: int) -> None:
+        return None  # expansions and rollouts depend on where the search goes
 
     async def run(self, ctx: MethodContext) -> MethodOutput:
         check_reference(ctx)
-        if self.opts.agent is not None and self.opts.agent not in ctx.agents:
-            raise ValueError(f"step_mcts: agent {self.opts.agent!r} is not configured; agents: {list(ctx.agents)}")
-        search = _Search(ctx, self.opts)
-        sims = self.opts.simulations or ctx.budget
-        for start in range(0, sims, self.opts.parallel):
-            await search.wave(range(start, min(sims, start + self.opts.parallel)))
+        if self.options.agent is not None and self.options.agent not in ctx.agents:
+            raise ValueError(f"step_mcts: agent {self.options.agent!r} is not configured; agents: {list(ctx.agents)}")
+        search = _Search(ctx, self.options)
+        sims = self.options.simulations or ctx.budget
+        for start in range(0, sims, self.options.parallel):
+            await search.wave(range(start, min(sims, start + self.options.parallel)))
         return MethodOutput(search.samples, [n.row() for n in search.tree.nodes],
                             {"value_targets": search.value_targets()})
 
@@ -235,12 +230,12 @@ class _Search:
     """One prompt's search: the tree, the samples in generation order, the wave mechanics."""
 
     def __init__(self, ctx: MethodContext, opts: StepMCTSOptions):
-        self.ctx, self.opts = ctx, opts
+        self.ctx, self.options = ctx, opts
         self.tree = StepTree(opts)
         self.samples: list[Sample] = []
 
     def agent_for(self, sim: int) -> str:
-        return self.opts.agent or self.ctx.agents[sim % len(self.ctx.agents)]
+        return self.options.agent or self.ctx.agents[sim % len(self.ctx.agents)]
 
     def messages(self, state: str) -> tuple[list[dict], dict]:
         """The request continuing `state`: the bare prompt at the root, else the partial
@@ -281,8 +276,8 @@ class _Search:
 
     async def expand_request(self, leaf: StepNode, agent: str) -> list[Generation]:
         messages, extra = self.messages(leaf.state)
-        return await self.ctx.generate(agent, messages, self.opts.k, stop=["\n"], include_stop_str_in_output=True,
-                                       max_tokens=self.opts.step_max_tokens, logprobs=True, **extra)  # priors
+        return await self.ctx.generate(agent, messages, self.options.k, stop=["\n"], include_stop_str_in_output=True,
+                                       max_tokens=self.options.step_max_tokens, logprobs=True, **extra)  # priors
 
     async def add_children(self, leaf: StepNode, gens: list[Generation]) -> None:
         """One child per distinct non-blank step (a repeated or blank step adds a sample, not
@@ -295,7 +290,7 @@ class _Search:
         # drop the state's final newline, so the model often starts with one; keep a blank
         # child only when nothing else came, so that the tree still moves on.
         kept = [g for key, g in distinct.items() if key[0] or key[1]] or list(distinct.values())[:1]
-        for g, p in zip(kept, priors(kept, self.opts.prior_temperature, self.opts.prior_mix)):
+        for g, p in zip(kept, priors(kept, self.options.prior_temperature, self.options.prior_mix)):
             state = leaf.state + (g.text or "")
             outcome = self.verify(state) if is_terminal(g) else None
             self.tree.new(leaf.depth + 1, leaf, state=state, prior=p, agent=g.agent, sample_id=g.sample_id, outcome=outcome)
@@ -315,7 +310,7 @@ class _Search:
         if node.terminal:
             return None, node.outcome
         messages, extra = self.messages(node.state)  # no await before generate: slots in call order
-        gen = (await self.ctx.generate(agent, messages, 1, max_tokens=self.opts.rollout_max_tokens, **extra))[0]
+        gen = (await self.ctx.generate(agent, messages, 1, max_tokens=self.options.rollout_max_tokens, **extra))[0]
         if not gen.ok:
             return Sample(gen, Score(None, ERROR, "generation failed"), ROLLOUT, node.sample_id, node.depth), None
         whole = replace(gen, text=node.state + (gen.text or ""))
@@ -328,9 +323,9 @@ class _Search:
     def add_sample(self, gen: Generation, score: Score, action: str, parent: StepNode, depth: int) -> None:
         self.samples.append(Sample(gen, score, action, parent.sample_id, depth, len(self.samples)))
 
-    def value_targets(self) -> list[dict]:
+    def value_targets(self) -> list[ValueTarget]:
         """Value-model training rows: every visited node's state and its mean outcome."""
-        return [{"node_id": f"n{n.created}", "parent_id": n.parent and f"n{n.parent.created}", "depth": n.depth,
-                 "prompt": self.ctx.prompt.text, "state": n.state, "visits": n.visits, "value": n.mean(),
-                 "prior": n.prior, "terminal": n.terminal}
+        return [ValueTarget(node_id=f"n{n.created}", parent_id=n.parent and f"n{n.parent.created}", depth=n.depth,
+                            prompt=self.ctx.prompt.text, state=n.state, visits=n.visits, value=n.mean(),
+                            prior=n.prior, terminal=n.terminal)
                 for n in self.tree.nodes if n.visits]

@@ -4,27 +4,25 @@ Backends: `SimilarityReward` (default; cosine to the reference answer with the e
 all-MiniLM-L6-v2) and `MathReward` (verifiable numeric answers); `VllmReward` (a reward model
 behind vLLM's /classify, raw scores) and `JudgeReward` (an OpenAI-compatible chat model rating
 1-9 on the packaged rubric); `TransformersReward` (an in-process sequence-classification reward
-model, ArmoRM-style custom code included) and `CustomReward` (a user's callable). Importing this package is
-cheap: sentence-transformers loads only when a similarity model is first used.
+model, ArmoRM-style custom code included) and `CustomReward` (a user's callable). Importing this package
+loads no backend: each one's module loads when its name is first used.
 """
 
-from toa.reward.config import RewardConfig, build_backend, build_service
-from toa.reward.custom import CustomReward
-from toa.reward.judge import JudgeReward
-from toa.reward.math_verify import MathReward
-from toa.reward.service import (
-    RewardBackend,
-    RewardService,
-    cache_from_records,
-    response_sha,
-    reward_key,
-)
-from toa.reward.similarity import SimilarityReward
-from toa.reward.transformers_rm import TransformersReward
-from toa.reward.vllm_pool import VllmReward
+from importlib import import_module
 
-__all__ = [
-    "RewardBackend", "RewardService", "reward_key", "response_sha", "cache_from_records",
-    "SimilarityReward", "MathReward", "VllmReward", "JudgeReward", "RewardConfig", "build_backend", "build_service",
-    "TransformersReward", "CustomReward",
-]
+# name -> module: a backend's module (and its heavy imports: torch, transformers, httpx) loads
+# only when the name is first used.
+_HOMES = {
+    "RewardConfig": "config", "build_backend": "config", "build_service": "config",
+    "CustomReward": "custom", "JudgeReward": "judge", "MathReward": "math_verify",
+    "RewardBackend": "service", "RewardService": "service", "cache_from_records": "service",
+    "response_sha": "service", "reward_key": "service", "SimilarityReward": "similarity",
+    "TransformersReward": "transformers_rm", "VllmReward": "vllm_pool",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'toa.reward' has no attribute {name!r}")
+    return getattr(import_module(f"toa.reward.{_HOMES[name]}"), name)

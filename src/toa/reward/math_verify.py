@@ -2,7 +2,7 @@
 equals the gold answer in `prompt.reference`, else 0.0.
 
 Why this exists: on a CPU box no reward model ships in a package and a 135M judge carries no
-signal (design.md), so prompts with known answers give the default run a reward that is both
+signal (docs/design.md §6), so prompts with known answers give the default run a reward that is both
 real and meaningful.
 
 Extraction order (the last match of the first rule that matches wins, since models restate
@@ -56,7 +56,7 @@ _SYMBOLIC_RE = re.compile(r"[\\^{}()\[\]=]")
 _MAX_SYMBOLIC_LEN = 120  # longer non-numeric references are prose (a GSM8K solution), not answers
 
 
-def _clean(text: str) -> str:
+def clean(text: str) -> str:
     """Unify the spellings models use for the same number."""
     text = text.replace("\\$", "").replace("\\%", "").replace("^\\circ", "").replace("^{\\circ}", "")
     text = text.replace("\u2212", "-").replace("\u2013", "-").replace("$", "").replace("%", "")
@@ -67,7 +67,7 @@ def _clean(text: str) -> str:
 
 def to_number(token: str) -> float | None:
     """'1,234' -> 1234.0, '-3.50' -> -3.5; None if not a number."""
-    token = re.sub(r"\s+", "", _clean(token)).replace(",", "").rstrip(".")
+    token = re.sub(r"\s+", "", clean(token)).replace(",", "").rstrip(".")
     try:
         value = float(token)
     except ValueError:
@@ -158,7 +158,7 @@ def _eval(node: ast.AST) -> float:
 def parse_value(expr: str) -> float | None:
     """The value of a numeric answer expression ("\\frac{\\sqrt{3}}{2}", "3/4", "x = 5",
     "2\\sqrt{3}", "1{,}234"), or None when it is not plain arithmetic."""
-    s = re.sub(r"\\(?:text|mbox|mathrm)\s*\{[^{}]*\}", "", _clean(expr)).strip().rstrip(".")
+    s = re.sub(r"\\(?:text|mbox|mathrm)\s*\{[^{}]*\}", "", clean(expr)).strip().rstrip(".")
     if "=" in s:  # "x = 5": the value is the right-hand side
         s = s.rsplit("=", 1)[1]
     if not s.strip() or len(s) > 200:
@@ -173,14 +173,14 @@ def parse_value(expr: str) -> float | None:
 def normalize_symbolic(answer: str) -> str:
     """A symbolic answer as a comparable string: no spacing, \\left/\\right, \\text{} wrappers,
     "$", dfrac/tfrac spellings, or trailing period."""
-    s = _clean(answer)
+    s = clean(answer)
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\\(?:left|right|displaystyle)", "", s)
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
     return re.sub(r"\s+", "", s).rstrip(".")
 
 
-def _boxed_contents(text: str) -> list[str]:
+def boxed_contents(text: str) -> list[str]:
     """Contents of every \\boxed{...} / \\fbox{...}, with nested braces balanced."""
     out = []
     for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
@@ -216,8 +216,8 @@ def _value_of(expr: str) -> float | None:
 
 def extract_answer(response: str) -> float | None:
     """The response's final numeric answer, or None if it states no number."""
-    text = _clean(response)
-    for boxed in reversed(_boxed_contents(text)):
+    text = clean(response)
+    for boxed in reversed(boxed_contents(text)):
         value = _value_of(boxed)
         if value is not None:
             return value
@@ -239,7 +239,7 @@ def score_one(prompt: Prompt, response: str) -> Score:
     reference = str(prompt.reference)
     gold = gold_value(reference)
     if gold is None and is_symbolic(reference):
-        boxed = _boxed_contents(_clean(response))
+        boxed = boxed_contents(clean(response))
         same = bool(boxed) and normalize_symbolic(boxed[-1]) == normalize_symbolic(reference)
         return Score(1.0 if same else 0.0, OK, None)
     if gold is None:

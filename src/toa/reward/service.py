@@ -1,4 +1,4 @@
-"""The reward service: one place every reward goes through (design.md, invariants 1, 3 and 7).
+"""The reward service: one place every reward goes through (docs/design.md §4.1, §4.3, §4.6).
 
 `RewardService.score(prompt, responses)` is the `reward` callable a method sees. Behind it:
 

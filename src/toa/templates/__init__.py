@@ -1,4 +1,4 @@
-"""Prompt templates of the sampling methods (methods.md §6), kept as versioned files.
+"""Prompt templates of the sampling methods (docs/methods.md §6), kept as versioned files.
 
 The TOA reference (oceanypt/TOA, arXiv 2412.17061) never published its refine and aggregator
 prompts, so the wording here is this project's own. Each file starts with `#: key: value`
@@ -20,8 +20,7 @@ from functools import cache
 from importlib import resources
 
 NAMES = ("refine", "aggregate", "feedback", "preference")
-# Prompt-evolution templates (toa.evolve): hashed into the evolve stage's keys, not into the
-# sampling run id, so adding them leaves every existing run id unchanged.
+# Prompt-evolution templates (toa.evolve): hashed into the evolve stage's keys.
 EVOLVE_NAMES = ("evolve_deepen", "evolve_constraints", "evolve_concretize", "evolve_reasoning", "evolve_breadth")
 _HEADER = "#:"
 

@@ -1,4 +1,4 @@
-"""TOA: Monte Carlo tree search over agents (methods.md §5; arXiv 2412.17061).
+"""TOA: Monte Carlo tree search over agents (docs/methods.md §5; arXiv 2412.17061).
 
 One tree per prompt; node kinds alternate by depth: root (0) -> agent nodes (odd depths) ->
 response nodes (even depths) -> agent nodes -> ... An agent node is (agent, response to refine
@@ -24,7 +24,7 @@ reference mode; `mode="improved"` turns on the first three, any option can be se
 - incremental_width (on in both modes, results unchanged): response nodes are counted per depth
   as they are created instead of by the reference's whole-tree walk per selection step.
 
-Decisions where methods.md is silent:
+Decisions where the rules are silent:
 - Failed generation or failed score: the play is spent (P still counts it), the Sample is kept
   with its error (the reward is never turned into 0), and the tree is left unchanged: no
   response node, no visits, no values. The next play therefore usually selects the same agent
@@ -47,48 +47,36 @@ Decisions where methods.md is silent:
   numpy version or CPU. For top_k > 1 the kept children stay in creation order (the
   reference keeps argpartition's order).
 - Arithmetic as in the reference: means with np.mean (pairwise summation), UCB and sigmoid
-  with numpy, so that equal-looking scores tie or not exactly as there (checked against a
-  transcription of the reference on 2000 random trees with many ties: identical plays).
+  with numpy, so that equal-looking scores tie or not exactly as there.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
-from toa.methods.base import MethodContext, register, score_all, user
+from toa.methods.base import Method, MethodContext, Options, register, score_all, user
 from toa.rows import Generation, MethodOutput, Sample, Score, TreeNode
 from toa.templates import load
 
 ROOT, AGENT, RESPONSE = "root", "agent", "response"
-MODES = ("reference", "improved")
-NORMALIZE = ("sigmoid", "standardize")
 
 
-@dataclass(frozen=True)
-class TOAOptions:
-    tau: float = 0.1
-    alpha: float = 0.01
-    width: int | None = None  # None: floor(M * n / 3) (improved: at least M)
-    top_k: int = 1
-    normalize: str = "sigmoid"
-    ucb_parent_visits: bool = False
-    refine_cap: int | None = None  # improved: ceil(W / M)
-    max_depth: int | None = None
-    incremental_width: bool = True
-
-    def check(self) -> None:
-        if self.tau <= 0 or self.alpha < 0 or self.top_k < 1:
-            raise ValueError(f"toa: need tau > 0, alpha >= 0, top_k >= 1; got {self}")
-        if self.normalize not in NORMALIZE:
-            raise ValueError(f"toa: normalize must be one of {NORMALIZE}, got {self.normalize!r}")
-        if self.max_depth is not None and self.max_depth < 2:
-            raise ValueError(f"toa: max_depth counts tree depth (first responses are at 2), got {self.max_depth}")
-        if self.refine_cap is not None and self.refine_cap < 1:
-            raise ValueError(f"toa: refine_cap must be >= 1, got {self.refine_cap}")
+class TOAOptions(Options):
+    mode: Literal["reference", "improved"] = Field("reference", description="reference: the rules to the letter (docs/methods.md §5); improved: ucb_parent_visits, refine_cap and a width of at least M by default.")
+    tau: float = Field(0.1, gt=0, description="Temperature of the sigmoid that maps a raw reward to a value v.")
+    alpha: float = Field(0.01, ge=0, description="Exploration weight in UCB.")
+    width: int | None = Field(None, ge=1, description="Width W: response nodes per depth; None: floor(M * n / 3) (improved: at least M).")
+    top_k: int = Field(1, ge=1, description="Children kept by the top-k cut before UCB.")
+    normalize: Literal["sigmoid", "standardize"] = Field("sigmoid", description="Raw reward -> v: sigmoid(raw / tau), or sigmoid of the z-score over this prompt's rewards so far.")
+    ucb_parent_visits: bool | None = Field(None, description="UCB counts the parent's visits instead of the global play count; None: on in improved mode only.")
+    refine_cap: int | None = Field(None, ge=1, description="Responses an agent node absorbs without beating its parent before it counts as fully expanded; None: off (improved: ceil(W / M)).")
+    max_depth: int | None = Field(None, ge=2, description="Deepest response node (tree depth; first responses are at 2).")
+    incremental_width: bool = Field(True, description="Count response nodes per depth as they are created (same results, no whole-tree walk).")
 
 
 @dataclass(eq=False)
@@ -253,36 +241,34 @@ class Tree:
 
 
 @register
-class TOA:
+class TOA(Method):
     """Tree search over agents; see the module docstring for the rules and options."""
 
-    name: ClassVar[str] = "toa"
+    name = "toa"
+    Options = TOAOptions
 
-    def __init__(self, mode: str = "reference", **options):
-        if mode not in MODES:
-            raise ValueError(f"toa: mode must be one of {MODES}, got {mode!r}")
-        self.mode = mode
-        self.explicit = set(options)
-        defaults = {"ucb_parent_visits": True} if mode == "improved" else {}
-        self.opts = TOAOptions(**{**defaults, **options})
-        self.opts.check()
+    @property
+    def mode(self) -> str:
+        return self.options.mode
 
     def resolve(self, m: int, n: int) -> tuple[TOAOptions, int]:
         """Options and width W for M agents and n samples each (width rules in the docstring)."""
-        w = self.opts.width if self.opts.width is not None else (m * n) // 3
-        if self.mode == "improved" and self.opts.width is None:
+        w = self.options.width if self.options.width is not None else (m * n) // 3
+        if self.mode == "improved" and self.options.width is None:
             w = max(m, w)
         if w < m:
             fixes = [f"set method_options.toa.width >= {m}"]
-            if self.opts.width is None:
+            if self.options.width is None:
                 fixes += ["or n >= 3", "or method_options.toa.mode = 'improved'"]
             raise ValueError(
                 f"toa: width W={w} is smaller than the number of agents M={m} (n={n}; W = floor(M * n / 3) "
                 f"unless set); the reference crashes here, since an agent under the root would count as "
                 f"fully expanded with no response to descend into. Fix: {', '.join(fixes)}.")
-        opts = self.opts
-        if self.mode == "improved" and "refine_cap" not in self.explicit:
-            opts = replace(opts, refine_cap=max(1, math.ceil(w / m)))
+        opts = self.options
+        if opts.ucb_parent_visits is None:
+            opts = opts.model_copy(update={"ucb_parent_visits": self.mode == "improved"})
+        if self.mode == "improved" and opts.refine_cap is None:
+            opts = opts.model_copy(update={"refine_cap": max(1, math.ceil(w / m))})
         return opts, w
 
     def check_budget(self, m: int, n: int) -> None:

@@ -59,22 +59,18 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
-from typing import Any, ClassVar
+from typing import Literal
 
-import polars as pl
+from pydantic import Field, model_validator
 
-from toa.methods.base import MethodContext, register
+from toa.dialogue import ROLES, view
+from toa.methods.base import Method, MethodContext, Options, register
 from toa.reward.math_verify import extract_answer, same_number, score_one
 from toa.rows import (
     ERROR,
-    OK,
-    SCHEMAS,
     SKIPPED,
+    DialogueRecord,
     Generation,
     MethodOutput,
     Prompt,
@@ -82,62 +78,32 @@ from toa.rows import (
     Score,
     TreeNode,
 )
-from toa.templates import Template, parse
-
-MODES = ("critic", "split")
-REWARDS = ("correctness", "composite", "reward_model")
-TEMPLATES = ("optima_solver", "optima_critic", "optima_split")
-ROLES = {"critic": ("solver", "critic"), "split": ("a", "b")}
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
-NO_REPLY = "(no reply)"
-
-
-@cache
-def template(name: str) -> Template:
-    """One of this method's packaged templates (kept out of templates.NAMES so that adding them
-    leaves other methods' run ids unchanged; their hashes enter the run id via `fingerprint`)."""
-    if name not in TEMPLATES:
-        raise KeyError(f"unknown optima template {name!r}; known: {', '.join(TEMPLATES)}")
-    return parse(name, resources.files("toa.templates").joinpath(f"{name}.txt").read_text(encoding="utf-8"))
 
 
 # ------------------------------------------------------------------------------ options
-@dataclass(frozen=True)
-class OptimaOptions:
-    mode: str = "critic"
-    max_rounds: int = 10
-    max_tokens: int | None = None  # per-utterance cap (sampling override, part of the cache key)
-    max_dialogue_tokens: int | None = None
-    branching: tuple[int, ...] | None = None  # None: n * agents dialogues split in two levels
-    speakers: tuple[str, ...] | None = None
-    reward: str = "composite"
-    lambda_tokens: float = -0.5
-    lambda_loss: float = 0.8
-    loss_floor: float = 1e-3
-    dpo_margin: float = 0.1
+class OptimaOptions(Options):
+    mode: Literal["critic", "split"] = Field("critic", description="critic: a solver and a critic; split: each speaker sees half of the prompt.")
+    max_rounds: int = Field(10, ge=1, description="Most rounds (one utterance by each speaker).")
+    max_tokens: int | None = Field(None, ge=1, description="Per-utterance token cap (a sampling override, part of the call's identity); None: the agent's own.")
+    max_dialogue_tokens: int | None = Field(None, ge=1, description="A dialogue stops once its utterances reach this many completion tokens; None: off.")
+    branching: tuple[int, ...] | None = Field(None, min_length=1, description="Alternatives per turn [k0, k1, ...]; None: n * agents dialogues split in two levels.")
+    speakers: tuple[str, ...] | None = Field(None, description="The two speaking agents (may repeat one); None: the first two configured.")
+    reward: Literal["correctness", "composite", "reward_model"] = Field("composite", description="How a dialogue is scored (module docstring).")
+    lambda_tokens: float = Field(-0.5, description="Weight of the dialogue's relative token count in the composite reward.")
+    lambda_loss: float = Field(0.8, description="Weight of 1 / (worst utterance loss) in the composite reward.")
+    loss_floor: float = Field(1e-3, gt=0, description="Floor of the utterance loss in the composite reward.")
+    dpo_margin: float = Field(0.1, ge=0, description="Least gap in mean reward between a branch point's best and worst child for a DPO pair.")
 
-    def __post_init__(self):
-        problems = []
-        if self.mode not in MODES:
-            problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.reward not in REWARDS:
-            problems.append(f"reward must be one of {REWARDS}, got {self.reward!r}")
-        if self.max_rounds < 1:
-            problems.append(f"max_rounds must be >= 1, got {self.max_rounds}")
-        for name in ("max_tokens", "max_dialogue_tokens"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1 or null, got {getattr(self, name)}")
-        if self.branching is not None and (not self.branching or any(int(k) < 1 for k in self.branching)):
-            problems.append(f"branching must be a non-empty list of counts >= 1, got {list(self.branching)}")
-        elif self.branching is not None and self.mode in MODES and len(self.branching) > self.max_turns:
-            problems.append(f"branching has {len(self.branching)} levels but a dialogue has at most "
-                            f"{self.max_turns} turns (max_rounds {self.max_rounds}, mode {self.mode})")
+    @model_validator(mode="after")
+    def _fits(self) -> OptimaOptions:
         if self.speakers is not None and len(self.speakers) != 2:
-            problems.append(f"speakers must name exactly two agents (may repeat one), got {list(self.speakers)}")
-        if self.loss_floor <= 0 or self.dpo_margin < 0:
-            problems.append("loss_floor must be > 0 and dpo_margin >= 0")
-        if problems:
-            raise ValueError("optima options: " + "; ".join(problems))
+            raise ValueError(f"speakers must name exactly two agents (may repeat one), got {list(self.speakers)}")
+        if self.branching is not None and any(k < 1 for k in self.branching):
+            raise ValueError(f"branching must be a non-empty list of counts >= 1, got {list(self.branching)}")
+        if self.branching is not None and len(self.branching) > self.max_turns:
+            raise ValueError(f"branching has {len(self.branching)} levels but a dialogue has at most "
+                             f"{self.max_turns} turns (max_rounds {self.max_rounds}, mode {self.mode})")
+        return self
 
     @property
     def max_turns(self) -> int:
@@ -148,42 +114,6 @@ class OptimaOptions:
 def default_branching(budget: int) -> tuple[int, ...]:
     a = max(d for d in range(1, math.isqrt(budget) + 1) if budget % d == 0)
     return (budget,) if a == 1 else (a, budget // a)
-
-
-# ------------------------------------------------------------------------------ who sees what
-def split_context(text: str) -> tuple[str, str, str]:
-    """(question, first half, second half) of a prompt for the information-split mode."""
-    sentences = [s for s in _SENTENCE.split(text.strip()) if s]
-    question = ""
-    if len(sentences) >= 2 and sentences[-1].rstrip().endswith("?"):
-        question = sentences.pop()
-    half = math.ceil(len(sentences) / 2)
-    return question, " ".join(sentences[:half]), " ".join(sentences[half:])
-
-
-def intro(prompt_text: str, mode: str, speaker: int) -> str:
-    """The first user message of `speaker` (0 or 1): its role's instructions and what it sees."""
-    if mode == "critic":
-        return template(("optima_solver", "optima_critic")[speaker]).render(question=prompt_text)
-    question, first, second = split_context(prompt_text)
-    info = (first, second)[speaker] or "(you have no extra information)"
-    return template("optima_split").render(question=question or "Answer the task described by the combined information.",
-                                           info=info)
-
-
-def view(prompt_text: str, mode: str, speaker: int, turns: list[tuple[int, str]]) -> list[dict[str, str]]:
-    """`speaker`'s chat messages given the dialogue so far [(speaker, text), ...]: own turns as
-    assistant, the partner's as user; roles strictly alternate (the partner's first utterance
-    is appended to the intro message when the partner spoke first)."""
-    messages = [{"role": "user", "content": intro(prompt_text, mode, speaker)}]
-    for who, text in turns:
-        role = "assistant" if who == speaker else "user"
-        text = text or NO_REPLY
-        if role == "user" and messages[-1]["role"] == "user":
-            messages[-1] = {"role": "user", "content": messages[-1]["content"] + "\n\n" + text}
-        else:
-            messages.append({"role": role, "content": text})
-    return messages
 
 
 # ------------------------------------------------------------------------------ the tree
@@ -216,24 +146,18 @@ class Dialogue:
 
 
 @register
-class Optima:
+class Optima(Method):
     """Two agents in dialogue (solver/critic or information-split), branched into a tree."""
 
-    name: ClassVar[str] = "optima"
+    name = "optima"
+    Options = OptimaOptions
 
-    def __init__(self, **options: Any):
-        if "branching" in options and options["branching"] is not None:
-            options["branching"] = tuple(int(k) for k in options["branching"])
-        if "speakers" in options and options["speakers"] is not None:
-            options["speakers"] = tuple(options["speakers"])
-        try:
-            self.opt = OptimaOptions(**options)
-        except TypeError as exc:  # an unknown option name
-            raise ValueError(f"optima options: {exc}; known: {', '.join(OptimaOptions.__dataclass_fields__)}") from None
+    @property
+    def opt(self) -> OptimaOptions:
+        return self.options
 
-    def fingerprint(self) -> dict[str, str]:
-        """What beyond the config changes this method's results: its template files."""
-        return {name: template(name).sha for name in TEMPLATES}
+    def generations(self, m: int, n: int) -> None:
+        return None  # a dialogue's length depends on when its answers agree
 
     # -------------------------------------------------------------------- sampling
     async def run(self, ctx: MethodContext) -> MethodOutput:
@@ -345,22 +269,25 @@ class Optima:
         rows = [self._dialogue_row(d, speakers) for d in dialogues]
         return MethodOutput(samples, nodes, tables={"dialogues": rows})
 
-    def _dialogue_row(self, d: Dialogue, speakers) -> dict[str, Any]:
+    def _dialogue_row(self, d: Dialogue, speakers) -> DialogueRecord:
+        """The `dialogues` row of one dialogue, less its keys (the engine adds run, method,
+        batch and prompt)."""
         path = d.leaf.path()
-        return {
-            "dialogue_id": d.leaf.gen.sample_id, "mode": self.opt.mode, "speakers": json.dumps(list(speakers)),
-            "turns": len(path), "stop_reason": d.leaf.stop,
-            "final_answer": None if d.final_answer is None else repr(d.final_answer),
-            "correct": d.correct, "tokens": d.tokens, "max_loss": d.max_loss, "reward_kind": self.opt.reward,
-            "reward": d.score.value, "reward_status": d.score.status, "reward_error": d.score.error,
-            "utterance_ids": json.dumps([t.gen.sample_id for t in path]),
-        }
+        return DialogueRecord(
+            dialogue_id=d.leaf.gen.sample_id, mode=self.opt.mode, speakers=json.dumps(list(speakers)),
+            turns=len(path), stop_reason=d.leaf.stop,
+            final_answer=None if d.final_answer is None else repr(d.final_answer),
+            correct=d.correct, tokens=d.tokens, max_loss=d.max_loss, reward_kind=self.opt.reward,
+            reward=d.score.value, reward_status=d.score.status, reward_error=d.score.error,
+            utterance_ids=json.dumps([t.gen.sample_id for t in path]),
+        )
 
     # -------------------------------------------------------------------- datasets
-    def datasets(self, samples: pl.DataFrame, prompts: pl.DataFrame,
-                 read: Callable[[str], pl.DataFrame]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    def datasets(self, samples, prompts, read, rejected_rank: int):
         """SFT (best dialogue, one example per speaker) and DPO (branch-point pairs) rows for
-        this method's stored samples; `read(table)` gives its other tables (dialogues)."""
+        one batch of this method's stored samples; `read(table)` gives its dialogues."""
+        from toa.optima_datasets import build_dialogue_datasets
+
         return build_dialogue_datasets(samples, prompts, read("dialogues"), self.opt.dpo_margin)
 
 
@@ -391,99 +318,3 @@ def _leaf_rewards(turns: list[Turn], by_leaf: dict[int, Dialogue]) -> dict[int, 
 
 def _mean(values: list[float]) -> tuple[float | None, int]:
     return (sum(values) / len(values) if values else None), len(values)
-
-
-# ------------------------------------------------------------------------------ datasets
-def build_dialogue_datasets(samples: pl.DataFrame, prompts: pl.DataFrame, dialogues: pl.DataFrame,
-                            margin: float) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """SFT and DPO rows (sft / dpo schemas) from stored samples and dialogues of one method."""
-    texts = dict(zip(prompts["prompt_id"], prompts["text"]))
-    utter = {r["sample_id"]: r for r in samples.iter_rows(named=True)}
-    sft, dpo = [], []
-    for (run_id, method, prompt_id), group in dialogues.group_by(["run_id", "method", "prompt_id"], maintain_order=True):
-        if prompt_id not in texts:
-            continue
-        found = [r for r in group.iter_rows(named=True) if all(u in utter for u in json.loads(r["utterance_ids"]))]
-        keys = {"run_id": run_id, "method": method, "prompt_id": prompt_id}
-        sft += _sft_rows(keys, texts[prompt_id], found, utter)
-        dpo += _dpo_rows(keys, texts[prompt_id], found, utter, margin)
-    return _frame("sft", sft), _frame("dpo", dpo)
-
-
-def _frame(table: str, rows: list[dict]) -> pl.DataFrame:
-    schema = SCHEMAS[table]
-    return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema, orient="row") if rows \
-        else pl.DataFrame(schema=schema)
-
-
-def _turns(ids: list[str], utter: dict) -> list[tuple[int, str]]:
-    return [(u["depth"] % 2, utter[u_id]["text"] or "") for u_id in ids for u in [utter[u_id]]]
-
-
-def _sft_rows(keys, prompt_text, dialogues: list[dict], utter) -> list[dict]:
-    scored = [d for d in dialogues if d["reward_status"] == OK and d["reward"] is not None]
-    if not scored:
-        return []
-    best = max(scored, key=lambda d: d["reward"])  # max keeps the first of equal rewards
-    ids = json.loads(best["utterance_ids"])
-    turns = _turns(ids, utter)
-    rows = []
-    for speaker in sorted({s for s, _ in turns}):
-        messages = view(prompt_text, best["mode"], speaker, turns)
-        while messages[-1]["role"] != "assistant":
-            messages.pop()
-        first = next(utter[i] for i in ids if utter[i]["depth"] % 2 == speaker)
-        rows.append({**keys, "prompt": messages[0]["content"], "response": _flat(messages[1:]),
-                     "agent": first["agent"], "action": first["action"].split("_r")[0], "reward": best["reward"],
-                     "sample_id": best["dialogue_id"], "n_samples": len(scored),
-                     "messages": json.dumps(messages, ensure_ascii=False)})
-    return rows
-
-
-def _dpo_rows(keys, prompt_text, dialogues: list[dict], utter, margin: float) -> list[dict]:
-    """At every node with several children: best vs worst child by the mean reward of the
-    dialogues below each, when the gap is at least `margin` and the texts differ."""
-    values: dict[str, list[float]] = {}
-    children: dict[str | None, list[str]] = {}
-    for d in dialogues:
-        ids = json.loads(d["utterance_ids"])
-        for i, u in enumerate(ids):
-            if u not in children.setdefault(ids[i - 1] if i else None, []):
-                children[ids[i - 1] if i else None].append(u)
-            if d["reward_status"] == OK and d["reward"] is not None:
-                values.setdefault(u, []).append(d["reward"])
-    rows = []
-    for parent, kids in children.items():
-        ranked = sorted((k for k in kids if k in values), key=lambda k: -sum(values[k]) / len(values[k]))
-        if len(ranked) < 2:
-            continue
-        hi, lo = ranked[0], ranked[-1]
-        v_hi, v_lo = (sum(values[k]) / len(values[k]) for k in (hi, lo))
-        if v_hi - v_lo < margin or v_hi <= v_lo or utter[hi]["text"] == utter[lo]["text"]:
-            continue
-        history = _turns(_ancestry(parent, utter), utter)
-        context = view(prompt_text, _mode(dialogues), utter[hi]["depth"] % 2, history)
-        rows.append({**keys, "prompt": _flat(context), "chosen": utter[hi]["text"], "rejected": utter[lo]["text"],
-                     "chosen_agent": utter[hi]["agent"], "rejected_agent": utter[lo]["agent"],
-                     "chosen_reward": v_hi, "rejected_reward": v_lo, "rejected_rank": len(ranked),
-                     "chosen_id": hi, "rejected_id": lo, "prompt_messages": json.dumps(context, ensure_ascii=False)})
-    return rows
-
-
-def _ancestry(node: str | None, utter) -> list[str]:
-    out = []
-    while node is not None:
-        out.append(node)
-        node = utter[node]["parent_id"]
-    return out[::-1]
-
-
-def _mode(dialogues: list[dict]) -> str:
-    return dialogues[0]["mode"]
-
-
-def _flat(messages: list[dict[str, str]]) -> str:
-    """A chat as plain text (single user message: its content unchanged)."""
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return messages[0]["content"]
-    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)

@@ -1,4 +1,4 @@
-"""Sequential Refine (methods.md §3; a baseline of the TOA paper, arXiv 2412.17061).
+"""Sequential Refine (docs/methods.md §3; a baseline of the TOA paper, arXiv 2412.17061).
 
 n independent chains of M steps. Chain k answers with a permutation of the M agents: the first
 agent answers Q, every next agent refines the response produced just before it (refine
@@ -7,7 +7,7 @@ template). n * M samples, all scored against the original Q at the end, in one r
 Action label, reference quirk kept: `<agent>.round_<k*M>_iter_<j>` (the reference's round
 counter steps by M). depth = j (the position in the chain), parent = the previous response.
 
-Decisions where methods.md is silent:
+Decisions where the rules are silent:
 - The permutation of chain k comes from random.Random(f"{seed}:{prompt_id}:{k}"): it depends on
   the run seed, the prompt and the chain only, never on global RNG state or on call timing, so
   a rerun (or a resume) draws the same chains. The reference shuffled a global RNG.
@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from toa.methods.base import MethodContext, register, score_all, user
+from toa.methods.base import Method, MethodContext, register, score_all, user
 from toa.rows import Generation, MethodOutput, Sample
 from toa.templates import load
 
@@ -50,7 +50,7 @@ async def _chain(ctx: MethodContext, agents: list[str]) -> list[tuple[str, Gener
 
 
 @register
-class SequentialRefine:
+class SequentialRefine(Method):
     """n chains, each a seeded permutation of the agents refining one another in turn."""
 
     name = "sequential_refine"

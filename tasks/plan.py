@@ -1,0 +1,117 @@
+"""Run planning tasks: the resolved config and its plan (toa.plan), what is done and what is
+left, and the run's end (its result marker, or the truthful Cancelled of a stopped run).
+
+Done markers are read here only: the engine trusts a marker it finds for a batch it is given
+(a batch finished by another worker since), the flow never reads storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from toa.flows.params import RunParameters
+from toa.tasks.prompts import BatchRef
+
+from toa import stopping
+from toa.config import RunConfig, load_config, place_servers
+from toa.db import create_views
+from toa.engine import done_marker
+from toa.limits import require_shared_api
+from toa.plan import RunPlan, plan_run
+from toa.preflight import check_inputs
+from toa.storage import Store
+
+
+def resolve(config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
+    """The run's config: file, environment and overrides, blocks resolved (before the
+    fingerprint is taken), launched CPU servers placed on their cores."""
+    from toa.blocks.resolve import resolve_blocks
+
+    cfg = resolve_blocks(load_config(config_file, {k: v for k, v in overrides.items() if v is not None}))
+    return place_servers(cfg)
+
+
+@task(name="plan-run", cache_policy=NO_CACHE)
+def prepare_run(params: RunParameters) -> RunPlan:
+    """The plan, after the checks that can fail before anything starts: inputs (a missing
+    prompt file or model folder), a writable results root, a shared API for global limits."""
+    cfg = resolve(params.config_file, params.overrides_for_config())
+    check_inputs(cfg)
+    plan = plan_run(cfg)
+    store = Store(cfg.results_root, cfg.storage_options)
+    store.init_tables()  # fails here, before any model call, on a root without write permission
+    create_views(store)
+    require_shared_api(cfg.agents)  # global limits need a Prefect API every worker shares
+    get_run_logger().info("run %s: methods %s, %d agents, n=%d, results in %s", plan.run_id, cfg.methods,
+                          len(cfg.agents), cfg.n, cfg.results_root)
+    return plan
+
+
+@dataclass(frozen=True)
+class Work:
+    units: list[tuple[str, BatchRef]]  # every (method, batch) of the run
+    pending: list[tuple[str, BatchRef]]  # those without a done marker
+    finished: dict[str, Any] | None  # the recorded result when the whole run is done
+
+
+def unit_states(plan: RunPlan, batches: list[BatchRef]) -> list[tuple[str, BatchRef, bool]]:
+    """(method, batch, done) for every unit of the run, from the done markers."""
+    store = Store(plan.cfg.results_root, plan.cfg.storage_options)
+    return [(m, b, store.exists(*done_marker(plan.run_id, m, b.key))) for m in plan.cfg.methods for b in batches]
+
+
+@task(name="find-work", cache_policy=NO_CACHE)
+def find_work(plan: RunPlan, batches: list[BatchRef]) -> Work:
+    states = unit_states(plan, batches)
+    units = [(m, b) for m, b, _ in states]
+    pending = [(m, b) for m, b, done in states if not done]
+    get_run_logger().info("%d of %d (method, batch) units to do", len(pending), len(units))
+    store = Store(plan.cfg.results_root, plan.cfg.storage_options)
+    finished = _finished_result(store, plan.run_id, len(units)) if not pending else None
+    if finished is not None:
+        get_run_logger().info("run %s is complete: returning its recorded result", plan.run_id)
+    return Work(units, pending, finished)
+
+
+def _result_marker(run_id: str) -> tuple[str, ...]:
+    return ("runs", f"run={run_id}", "result.json")  # beside the run records, not among done markers
+
+
+def _finished_result(store: Store, run_id: str, units: int) -> dict[str, Any] | None:
+    """The recorded result of a complete run, so that rerunning it costs a few file checks
+    (no sampling subflow, dataset rebuild or report); its summary now counts no new calls."""
+    if not store.exists(*_result_marker(run_id)):
+        return None
+    recorded = store.read_json(*_result_marker(run_id))
+    if recorded.pop("units", None) != units:  # e.g. the prompt file grew: not the same work
+        return None
+    for row in recorded["summary"]:
+        row["new_calls"], row["replayed"] = 0, row.get("new_calls", 0) + row.get("replayed", 0)
+    return recorded
+
+
+@task(name="finish-run", cache_policy=NO_CACHE)
+def finish_run(plan: RunPlan, result: dict[str, Any], units: int) -> dict[str, Any]:
+    """Record the result of a run whose every unit finished (the rerun shortcut), or fail
+    naming the failed batches so that a retry of the flow run redoes only them."""
+    failed = result["failed_batches"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {units} batches failed after retries: {failed}; "
+                           "their errors are rows in the samples/calls views; retry this flow run to redo them")
+    Store(plan.cfg.results_root, plan.cfg.storage_options).write_json({**result, "units": units},
+                                                                      *_result_marker(plan.run_id))
+    return result
+
+
+@task(name="stopped", cache_policy=NO_CACHE)
+def stop_message(plan: RunPlan, units: list[tuple[str, BatchRef]]) -> str:
+    """The truthful end of a stopped run (the flow ends Cancelled with it): what is kept."""
+    store = Store(plan.cfg.results_root, plan.cfg.storage_options)
+    done = sum(store.exists(*done_marker(plan.run_id, m, b.key)) for m, b in units)
+    message = (f"run {plan.run_id} stopped ({stopping.reason()}): {done} of {len(units)} (method, batch) units "
+               "done, every finished call recorded; run the same command again to resume")
+    get_run_logger().warning(message)
+    return message

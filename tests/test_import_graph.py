@@ -98,6 +98,25 @@ def test_no_module_imports_another_modules_private_names():
     assert private == []
 
 
+def _private_attribute_uses(name: str, path: Path) -> list[str]:
+    """`alias._name` where alias is another toa module imported into this one."""
+    tree = ast.parse(path.read_text())
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {a.asname or a.name: a.name for a in node.names if a.name in MODULES}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            aliases |= {a.asname or a.name: f"{node.module}.{a.name}" for a in node.names
+                        if f"{node.module}.{a.name}" in MODULES}
+    return [f"{name}: {aliases[n.value.id]}.{n.attr}" for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases
+            and n.attr.startswith("_") and not n.attr.startswith("__") and aliases[n.value.id] != name]
+
+
+def test_no_module_uses_another_modules_private_attributes():
+    assert [use for name, path in MODULES.items() for use in _private_attribute_uses(name, path)] == []
+
+
 def _loaded_by(start: str) -> set[str]:
     """Every module importing `start` loads, parent packages included (Python runs their
     __init__ first), third-party ones by their top-level name."""

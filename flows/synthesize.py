@@ -86,7 +86,7 @@ def toa(
     counts = build_datasets(plan, batches)
     if batches and wants_verdicts(plan.cfg):  # gold answers: judge every sample (accuracy views)
         judge_samples(plan.cfg, plan.run_id, batches[0].source)
-    result = {"run_id": plan.run_id, "results_root": plan.cfg.results_root, "summary": summarize(plan.cfg, plan.run_id, stats),
+    result = {"run_id": plan.run_id, "results_root": plan.cfg.results_root, "summary": summarize(plan.cfg, plan.run_id, work.done + stats),
               "datasets": counts, "report": publish_report(plan.cfg, plan.run_id), "failed_batches": failed}
     return finish_run(plan, result, len(work.units))
 

@@ -1,8 +1,8 @@
 """Run planning tasks: the resolved config and its plan (toa.plan), what is done and what is
 left, and the run's end (its result marker, or the truthful Cancelled of a stopped run).
 
-Done markers are read here only: the engine trusts a marker it finds for a batch it is given
-(a batch finished by another worker since), the flow never reads storage.
+What a finished unit is, is toa.engine.completed's to say (its done marker); the flow never
+reads storage.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from toa.tasks.prompts import BatchRef
 from toa import stopping
 from toa.config import RunConfig, load_config, place_servers
 from toa.db import create_views
-from toa.engine import done_marker
+from toa.engine import BatchStats, completed
 from toa.limits import require_shared_api
 from toa.plan import RunPlan, plan_run
 from toa.preflight import check_inputs
@@ -53,27 +53,28 @@ def prepare_run(params: RunParameters) -> RunPlan:
 @dataclass(frozen=True)
 class Work:
     units: list[tuple[str, BatchRef]]  # every (method, batch) of the run
-    pending: list[tuple[str, BatchRef]]  # those without a done marker
+    pending: list[tuple[str, BatchRef]]  # those not finished
+    done: list[BatchStats]  # the finished ones, counted as replayed
     finished: dict[str, Any] | None  # the recorded result when the whole run is done
 
 
-def unit_states(plan: RunPlan, batches: list[BatchRef]) -> list[tuple[str, BatchRef, bool]]:
-    """(method, batch, done) for every unit of the run, from the done markers."""
+def unit_states(plan: RunPlan, batches: list[BatchRef]) -> list[tuple[str, BatchRef, BatchStats | None]]:
+    """(method, batch, its record if finished) for every unit of the run."""
     store = Store(plan.cfg.results_root, plan.cfg.storage_options)
-    return [(m, b, store.exists(*done_marker(plan.run_id, m, b.key))) for m in plan.cfg.methods for b in batches]
+    return [(m, b, completed(store, plan.run_id, m, b.key)) for m in plan.cfg.methods for b in batches]
 
 
 @task(name="find-work", cache_policy=NO_CACHE)
 def find_work(plan: RunPlan, batches: list[BatchRef]) -> Work:
     states = unit_states(plan, batches)
     units = [(m, b) for m, b, _ in states]
-    pending = [(m, b) for m, b, done in states if not done]
+    pending = [(m, b) for m, b, done in states if done is None]
     get_run_logger().info("%d of %d (method, batch) units to do", len(pending), len(units))
     store = Store(plan.cfg.results_root, plan.cfg.storage_options)
     finished = _finished_result(store, plan.run_id, len(units)) if not pending else None
     if finished is not None:
         get_run_logger().info("run %s is complete: returning its recorded result", plan.run_id)
-    return Work(units, pending, finished)
+    return Work(units, pending, [done for _, _, done in states if done is not None], finished)
 
 
 def _result_marker(run_id: str) -> tuple[str, ...]:
@@ -110,7 +111,7 @@ def finish_run(plan: RunPlan, result: dict[str, Any], units: int) -> dict[str, A
 def stop_message(plan: RunPlan, units: list[tuple[str, BatchRef]]) -> str:
     """The truthful end of a stopped run (the flow ends Cancelled with it): what is kept."""
     store = Store(plan.cfg.results_root, plan.cfg.storage_options)
-    done = sum(store.exists(*done_marker(plan.run_id, m, b.key)) for m, b in units)
+    done = sum(completed(store, plan.run_id, m, b.key) is not None for m, b in units)
     message = (f"run {plan.run_id} stopped ({stopping.reason()}): {done} of {len(units)} (method, batch) units "
                "done, every finished call recorded; run the same command again to resume")
     get_run_logger().warning(message)

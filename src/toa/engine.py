@@ -265,6 +265,19 @@ def done_marker(run_id: str, method: str, batch: str) -> tuple[str, ...]:
     return ("done", f"run={run_id}", f"method={method}", f"{batch}.json")
 
 
+def completed(store: Store, run_id: str, method: str, batch: str) -> BatchStats | None:
+    """The record of a finished (method, batch) unit, as this run counts it: skipped, every
+    sample replayed, no call made. None: not finished. The one reader of done markers (the
+    run plan asks it what is left; run_batch, for a unit finished elsewhere since)."""
+    if not store.exists(*done_marker(run_id, method, batch)):
+        return None
+    recorded = store.read_json(*done_marker(run_id, method, batch))
+    done = BatchStats(**{k: v for k, v in recorded.items() if k in BatchStats.__dataclass_fields__})
+    return BatchStats(method, batch, prompts=done.prompts, samples=done.samples, cached=done.samples,
+                      prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens, skipped=True,
+                      worker=done.worker)
+
+
 def run_batch(plan: RunPlan, endpoints: dict[str, Endpoint], method: str, batch: str, prompts: list[Prompt],
               owner: str = "", on_prompt: PromptHook | None = None) -> BatchStats:
     """One (method, batch) unit; `on_prompt(method, batch, prompts done)` follows its progress
@@ -272,13 +285,9 @@ def run_batch(plan: RunPlan, endpoints: dict[str, Endpoint], method: str, batch:
     cfg, run_id = plan.cfg, plan.run_id
     store = Store(cfg.results_root, cfg.storage_options)
     stopping.check(f"{method} batch {batch}")
-    if store.exists(*done_marker(run_id, method, batch)):  # finished by another attempt since it was planned
-        recorded = store.read_json(*done_marker(run_id, method, batch))
-        done = BatchStats(**{k: v for k, v in recorded.items() if k in BatchStats.__dataclass_fields__})
-        # Nothing is called this time: everything it holds counts as replayed.
-        return BatchStats(method, batch, prompts=done.prompts, samples=done.samples, cached=done.samples,
-                          prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens, skipped=True,
-                          worker=done.worker)
+    done = completed(store, run_id, method, batch)  # e.g. finished by another worker since it was planned
+    if done is not None:
+        return done
     engine = get_engine(cfg, endpoints, owner)
     start = time.perf_counter()
     call_sink = ShardWriter(store, "calls", f"batch={batch}")

@@ -75,14 +75,14 @@ def expected_generations(plan: RunPlan, method: str, prompts: int) -> str:
     return "an answer-dependent number of" if per_prompt is None else f"{per_prompt * prompts}"
 
 
-def describe(plan: RunPlan, units: list[tuple[str, Any, bool]]) -> list[str]:
-    """Lines for `toa plan`: the run id, each (method, batch) unit done or to run, the work."""
+def describe(plan: RunPlan, units: list[tuple[str, Any, Any]]) -> list[str]:
+    """Lines for `toa plan` from (method, batch, its record or None when not finished) per unit."""
     lines = [(f"run {plan.run_id} (code {code_version()}): {len(plan.cfg.methods)} methods, "
               f"{len(plan.cfg.agents)} agents, n={plan.cfg.n}")]
-    todo = [(m, b) for m, b, done in units if not done]
+    todo = [(m, b) for m, b, done in units if done is None]
     for method in plan.cfg.methods:
         mine = [(b, done) for m, b, done in units if m == method]
-        pending = [b for b, done in mine if not done]
+        pending = [b for b, done in mine if done is None]
         prompts = sum(b.size for b in pending)
         lines.append(f"  {method}: {len(mine) - len(pending)} of {len(mine)} batches done; "
                      f"{len(pending)} to run ({prompts} prompts, "

@@ -41,9 +41,8 @@ def prepare_run(params: RunParameters) -> RunPlan:
     cfg = resolve(params.config_file, params.overrides_for_config())
     check_inputs(cfg)
     plan = plan_run(cfg)
-    store = Store(cfg.results_root, cfg.storage_options)
-    store.init_tables()  # fails here, before any model call, on a root without write permission
-    create_views(store)
+    # tables and views: fails here, before any model call, on a root without write permission
+    create_views(Store(cfg.results_root, cfg.storage_options))
     require_shared_api(cfg.agents)  # global limits need a Prefect API every worker shares
     get_run_logger().info("run %s: methods %s, %d agents, n=%d, results in %s", plan.run_id, cfg.methods,
                           len(cfg.agents), cfg.n, cfg.results_root)

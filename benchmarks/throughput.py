@@ -140,6 +140,23 @@ def run_flow(root: Path, prompts_file: Path, agents: list[dict], method: str, n:
     return int(made["completion_tokens"].sum() or 0), elapsed, result
 
 
+# ---------------------------------------------------------------------------- prefix cache
+def cache_counters(base_url: str, key: str) -> tuple[float, float]:
+    """The server's prefix-cache counters (tokens queried, tokens hit) from its /metrics."""
+    import httpx
+
+    from toa.servers.watch import parse_metrics
+
+    resp = httpx.get(base_url.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    load = parse_metrics(resp.text) if resp.status_code == 200 else None
+    return (load.cache_queries, load.cache_hits) if load else (0.0, 0.0)
+
+
+def hit_rate(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    queried = after[0] - before[0]
+    return (after[1] - before[1]) / queried if queried else None
+
+
 # ---------------------------------------------------------------------------- stub server (memory)
 def serve_stub(port: int) -> None:
     """A test double of an OpenAI chat server that answers at once with a fixed short reply."""
@@ -223,7 +240,7 @@ def benchmark(args) -> None:
         base_url, model, key = args.base_url, args.model_name, os.environ[args.api_key_env]
     else:
         t0 = time.perf_counter()
-        handle = start_vllm("bench", LaunchSpec(model=args.model), work / "logs")
+        handle = start_vllm("bench", LaunchSpec(model=args.model, dtype=args.dtype), work / "logs")
         print(f"server {args.model} up in {time.perf_counter() - t0:.0f} s")
         ep = handle.endpoint
         base_url, model, key = ep.base_url, ep.model, ep.api_key.get_secret_value()
@@ -234,16 +251,24 @@ def benchmark(args) -> None:
     rows = []
     try:
         asyncio.run(raw_client(base_url, model, key, prompts[:8], 1, sampling, 8, False))  # warm-up
+        hits = {}  # phase -> prefix-cache hit rate on the server during it
+
+        def phase(label, fn):
+            before = cache_counters(base_url, key)
+            out = fn()
+            hits[label] = hit_rate(before, cache_counters(base_url, key))
+            return out
+
         with prefect_test_harness(server_startup_timeout=120):
-            raw = asyncio.run(raw_client(base_url, model, key, prompts, N, sampling, args.concurrency, False))
-            raw_lp = asyncio.run(raw_client(base_url, model, key, prompts, N, sampling, args.concurrency, True))
+            raw = phase("(a) raw client", lambda: asyncio.run(raw_client(base_url, model, key, prompts, N, sampling, args.concurrency, False)))
+            raw_lp = phase("(a') raw client + logprobs", lambda: asyncio.run(raw_client(base_url, model, key, prompts, N, sampling, args.concurrency, True)))
             one = agents_for(base_url, model, "TOA_BENCH_KEY", ["a"], sampling, args.concurrency)
             two = agents_for(base_url, model, "TOA_BENCH_KEY", ["a", "b"], sampling, args.concurrency)
-            rnd = run_flow(work / "random", prompts_file, one, "random", N, args.batch_size, reward)
+            rnd = phase("(b) toa random", lambda: run_flow(work / "random", prompts_file, one, "random", N, args.batch_size, reward))
             rerun = run_flow(work / "random", prompts_file, one, "random", N, args.batch_size, reward)
             toa_file = write_prompts(load_prompts(args.toa_prompts), work / "toa_prompts.jsonl")
-            tree = run_flow(work / "toa", toa_file, two, "toa", N // 2, args.toa_prompts, reward, {"width": 2})
-            replay = asyncio.run(replay_requests(base_url, model, key, work / "toa", args.concurrency))
+            tree = phase("(c) toa toa", lambda: run_flow(work / "toa", toa_file, two, "toa", N // 2, args.toa_prompts, reward, {"width": 2}))
+            replay = phase("(d) raw replay of (c)'s requests", lambda: asyncio.run(replay_requests(base_url, model, key, work / "toa", args.concurrency)))
     finally:
         if handle is not None:
             handle.stop()
@@ -255,9 +280,10 @@ def benchmark(args) -> None:
     print(f"\n{platform.node()} {platform.machine()} {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; "
           f"{args.prompts} prompts, N={N} per prompt, max_tokens={args.max_tokens}, {args.concurrency} requests in flight, "
           f"reward={args.reward}")
-    print(f"{'':30} {'tokens':>8} {'seconds':>8} {'tok/s':>8} {'vs (a)':>7}")
+    print(f"{'':30} {'tokens':>8} {'seconds':>8} {'tok/s':>8} {'vs (a)':>7} {'prefix hits':>12}")
     for label, tokens, seconds, tps, ratio in rows:
-        print(f"{label:30} {tokens:>8} {seconds:>8.1f} {tps:>8.1f} {ratio:>7.3f}")
+        rate = hits.get(label)
+        print(f"{label:30} {tokens:>8} {seconds:>8.1f} {tps:>8.1f} {ratio:>7.3f} {'n/a' if rate is None else f'{rate:.1%}':>12}")
     print(f"c/d (TOA orchestration efficiency on its own request mix): {tree[0] / tree[1] / (replay[0] / replay[1]):.3f}; "
           f"TOA: {args.toa_prompts} prompts, n={N // 2} x 2 agents, width 2")
     print(f"rerun of the finished random run: {rerun[1]:.2f} s = {rerun[1] / rnd[1]:.1%} of the first run "
@@ -286,6 +312,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--model", default="embedded:smollm2-135m-instruct")
     p.add_argument("--base-url")
+    p.add_argument("--dtype", default="float32", help="of the started server (issue 13's c/a goal is on float32)")
     p.add_argument("--model-name")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY")
     p.add_argument("--reward", default="custom", choices=["custom", "similarity"])

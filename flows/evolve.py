@@ -20,7 +20,7 @@ from prefect.runtime import flow_run
 from toa.flows.params import RunParameters, check_declares
 from toa.flows.synthesize import toa
 from toa.tasks.evolve import evolve_iteration, record_iteration
-from toa.tasks.plan import resolve
+from toa.plan import resolve
 
 from toa import templates
 from toa.evolve import EvolveConfig

@@ -33,7 +33,8 @@ from toa.tasks.servers import start_endpoints, stop_servers
 from toa.tasks.verdicts import judge_samples, wants_verdicts
 
 from toa import stopping
-from toa.engine import BatchStats, cancel_all_work, close_engines
+from toa.engine import cancel_all_work, close_engines
+from toa.units import BatchStats
 from toa.plan import RunPlan
 from toa.runners import (
     TaskRunnerConfig,

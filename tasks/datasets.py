@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from toa.tasks.prompts import BatchRef
+from toa.batches import BatchRef
 
 from toa.datasets import dpo_jsonl, sft_jsonl
 from toa.exports import dataset_card

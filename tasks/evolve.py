@@ -14,7 +14,7 @@ from toa.evolve import EvolveConfig, run_step, step_done
 from toa.rows import EvolveIterationRow
 from toa.servers import Endpoint
 from toa.storage import Store
-from toa.tasks.prompts import source_key
+from toa.batches import source_key
 from toa.tasks.servers import start_endpoints, stop_servers
 
 

@@ -1,7 +1,7 @@
 """Run planning tasks: the resolved config and its plan (toa.plan), what is done and what is
 left, and the run's end (its result marker, or the truthful Cancelled of a stopped run).
 
-What a finished unit is, is toa.engine.completed's to say (its done marker); the flow never
+What a finished unit is, is toa.units.completed's to say (its done marker); the flow never
 reads storage.
 """
 
@@ -13,25 +13,17 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from toa.flows.params import RunParameters
-from toa.tasks.prompts import BatchRef
+
+from toa.batches import BatchRef
 
 from toa import stopping
-from toa.config import RunConfig, load_config, place_servers
+from toa.config import RunConfig
 from toa.db import create_views
-from toa.engine import BatchStats, completed
 from toa.limits import require_shared_api
-from toa.plan import RunPlan, plan_run
+from toa.plan import RunPlan, plan_run, resolve
 from toa.preflight import check_inputs
 from toa.storage import Store
-
-
-def resolve(config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
-    """The run's config: file, environment and overrides, blocks resolved (before the
-    fingerprint is taken), launched CPU servers placed on their cores."""
-    from toa.blocks.resolve import resolve_blocks
-
-    cfg = resolve_blocks(load_config(config_file, {k: v for k, v in overrides.items() if v is not None}))
-    return place_servers(cfg)
+from toa.units import BatchStats, completed, finished_result, result_marker, unit_states
 
 
 @task(name="plan-run", cache_policy=NO_CACHE)
@@ -57,40 +49,16 @@ class Work:
     finished: dict[str, Any] | None  # the recorded result when the whole run is done
 
 
-def unit_states(plan: RunPlan, batches: list[BatchRef]) -> list[tuple[str, BatchRef, BatchStats | None]]:
-    """(method, batch, its record if finished) for every unit of the run."""
-    store = Store(plan.cfg.results_root, plan.cfg.storage_options)
-    return [(m, b, completed(store, plan.run_id, m, b.key)) for m in plan.cfg.methods for b in batches]
-
-
 @task(name="find-work", cache_policy=NO_CACHE)
 def find_work(plan: RunPlan, batches: list[BatchRef]) -> Work:
     states = unit_states(plan, batches)
     units = [(m, b) for m, b, _ in states]
     pending = [(m, b) for m, b, done in states if done is None]
     get_run_logger().info("%d of %d (method, batch) units to do", len(pending), len(units))
-    store = Store(plan.cfg.results_root, plan.cfg.storage_options)
-    finished = _finished_result(store, plan.run_id, len(units)) if not pending else None
+    finished = finished_result(plan, states)
     if finished is not None:
         get_run_logger().info("run %s is complete: returning its recorded result", plan.run_id)
     return Work(units, pending, [done for _, _, done in states if done is not None], finished)
-
-
-def _result_marker(run_id: str) -> tuple[str, ...]:
-    return ("runs", f"run={run_id}", "result.json")  # beside the run records, not among done markers
-
-
-def _finished_result(store: Store, run_id: str, units: int) -> dict[str, Any] | None:
-    """The recorded result of a complete run, so that rerunning it costs a few file checks
-    (no sampling subflow, dataset rebuild or report); its summary now counts no new calls."""
-    if not store.exists(*_result_marker(run_id)):
-        return None
-    recorded = store.read_json(*_result_marker(run_id))
-    if recorded.pop("units", None) != units:  # e.g. the prompt file grew: not the same work
-        return None
-    for row in recorded["summary"]:
-        row["new_calls"], row["replayed"] = 0, row.get("new_calls", 0) + row.get("replayed", 0)
-    return recorded
 
 
 @task(name="finish-run", cache_policy=NO_CACHE)
@@ -102,7 +70,7 @@ def finish_run(plan: RunPlan, result: dict[str, Any], units: int) -> dict[str, A
         raise RuntimeError(f"{len(failed)} of {units} batches failed after retries: {failed}; "
                            "their errors are rows in the samples/calls views; retry this flow run to redo them")
     Store(plan.cfg.results_root, plan.cfg.storage_options).write_json({**result, "units": units},
-                                                                      *_result_marker(plan.run_id))
+                                                                      *result_marker(plan.run_id))
     return result
 
 

@@ -8,60 +8,25 @@ the prompts themselves, which keeps task parameters small in the Prefect UI.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
-import fsspec
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from toa.batches import BatchRef, batch_key, manifest, source_key
 from toa.config import RunConfig
 from toa.errors import UserError
 from toa.prompts import display_name, iter_prompts
-from toa.rows import Prompt, PromptRow, SkippedRow, content_key
+from toa.rows import Prompt, PromptRow, SkippedRow
 from toa.storage import Store
-
-
-# Not a table, so not in toa.rows: a task parameter (which prompt shard a sampling task reads)
-# and an entry of the source's manifest.json; it never goes through rows.frame.
-@dataclass(frozen=True)
-class BatchRef:
-    key: str  # hash of the batch's prompt ids: names its shards and its call cache partition
-    source: str  # source key: the prompts/<source>/ folder
-    size: int
-
-
-def source_key(cfg: RunConfig) -> str:
-    fs, path = fsspec.core.url_to_fs(cfg.prompts.path, **cfg.prompts.storage_options)
-    info = fs.info(path)
-    stamp = [info.get("size"), info.get("mtime") or info.get("LastModified") or info.get("ETag")]
-    return content_key(cfg.prompts.fingerprint(), cfg.batch_size, str(stamp))[:16]
-
-
-def planned_batches(cfg: RunConfig) -> list[BatchRef]:
-    """The batches a run would get, writing nothing (`toa plan`): the stored manifest when the
-    source was loaded before, else the source read and cut into batches in memory."""
-    store = Store(cfg.results_root, cfg.storage_options)
-    source = source_key(cfg)
-    manifest = ("prompts", f"source={source}", "manifest.json")
-    if store.exists(*manifest):
-        return [BatchRef(**b) for b in store.read_json(*manifest)["batches"]]
-    prompts = [p for p in iter_prompts(cfg.prompts) if not isinstance(p, SkippedRow)]
-    chunks = [prompts[i:i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
-    return [BatchRef(key=batch_key(chunk), source=source, size=len(chunk)) for chunk in chunks]
-
-
-def batch_key(prompts: list[Prompt]) -> str:
-    """Names a batch's shards and its call cache partition: a hash of its prompt ids."""
-    return content_key([p.prompt_id for p in prompts])[:16]
 
 
 @task(name="load-prompts", cache_policy=NO_CACHE)
 def load_prompt_batches(cfg: RunConfig) -> list[BatchRef]:
     store = Store(cfg.results_root, cfg.storage_options)
     source = source_key(cfg)
-    manifest = ("prompts", f"source={source}", "manifest.json")
-    if store.exists(*manifest):
-        return [BatchRef(**b) for b in store.read_json(*manifest)["batches"]]
+    if store.exists(*manifest(source)):
+        return [BatchRef(**b) for b in store.read_json(*manifest(source))["batches"]]
     batches, skipped, pending = [], [], []
     for item in iter_prompts(cfg.prompts):  # raises BadPromptRow (file:line: reason) in fail mode
         if isinstance(item, SkippedRow):
@@ -80,7 +45,7 @@ def load_prompt_batches(cfg: RunConfig) -> list[BatchRef]:
                             f"is left; first: line {skipped[0].line}: {skipped[0].reason} (see the skipped_rows view)")
         get_run_logger().warning("skipped %d bad prompt rows (see the skipped_rows view); first: %s:%d: %s",
                                  len(skipped), skipped[0].source, skipped[0].line, skipped[0].reason)
-    store.write_json({"batches": [b.__dict__ for b in batches]}, *manifest)
+    store.write_json({"batches": [b.__dict__ for b in batches]}, *manifest(source))
     return batches
 
 

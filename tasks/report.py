@@ -15,7 +15,7 @@ from toa import templates
 from toa.config import RunConfig
 from toa.db import create_views, query
 from toa.report import build_report, publish_artifacts
-from toa.engine import BatchStats
+from toa.units import BatchStats
 from toa.reward.config import build_backend
 from toa.servers import Endpoint
 from toa.sql import query_text

@@ -14,11 +14,13 @@ from prefect.cache_policies import NO_CACHE
 
 from toa import stopping
 from toa.plan import RunPlan
-from toa.engine import BatchStats, run_batch
+from toa.engine import run_batch
+from toa.units import BatchStats
 from toa.servers import Endpoint
 from toa.storage import Store
 from toa.tasks.progress import prompt_done
-from toa.tasks.prompts import BatchRef, read_batch
+from toa.batches import BatchRef
+from toa.tasks.prompts import read_batch
 
 
 class BatchFailed(RuntimeError):

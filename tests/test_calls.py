@@ -1,12 +1,11 @@
-"""Request layer unit tests. The HTTP side is an in-process fake (httpx.MockTransport named
-FakeServer below) so retries, n>1 and the cache can be checked exactly and fast; the real
+"""Request layer unit tests. The HTTP side is an in-process fake (the transport FakeServer
+below) so retries, n>1 and the cache can be checked exactly and fast; the real
 vLLM server is exercised by tests/test_flow_integration.py."""
 
 from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 from pydantic import SecretStr
 
@@ -25,11 +24,11 @@ class FakeServer:
         self.requests: list[dict] = []
         self.supports_logprobs = supports_logprobs
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content)
+    async def __call__(self, url: str, content: bytes) -> tuple[int, bytes]:
+        body = json.loads(content)
         self.requests.append(body)
         if self.fail:
-            return httpx.Response(self.fail.pop(0), json={"error": {"message": "boom"}})
+            return self.fail.pop(0), json.dumps({"error": {"message": "boom"}}).encode()
         n = body.get("n", 1)
         k = len(self.requests)
         choices = [{
@@ -39,14 +38,14 @@ class FakeServer:
             if body.get("logprobs") and self.supports_logprobs else None,
         } for i in range(n)]
         usage = {"prompt_tokens": 7, "completion_tokens": sum(i + 2 for i in range(n)), "total_tokens": 0}
-        return httpx.Response(200, json={"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                                         "choices": choices, "usage": usage})
+        return 200, json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                "choices": choices, "usage": usage}).encode()
 
 
 def make_layer(server: FakeServer, cache=None, retries=2, seed=0):
     client = EndpointClient(ENDPOINT, {"temperature": 0.7, "max_tokens": 8},
                             ClientPolicy(retries=retries, backoff_s=0.001),
-                            http_client=httpx.AsyncClient(transport=httpx.MockTransport(server)))
+                            transport=server)
     records = []
     return CallLayer({"a": client}, cache or {}, records.append, run_seed=seed), records, client
 

@@ -102,8 +102,8 @@ def test_toa_plan_prints_the_run_id_the_units_and_the_work_starting_nothing(tmp_
 
     from dataclasses import asdict
 
-    from toa.engine import BatchStats, done_marker
-    from toa.tasks.prompts import planned_batches
+    from toa.units import BatchStats, done_marker
+    from toa.batches import planned_batches
 
     batch = planned_batches(cfg)[0]
     marker = asdict(BatchStats("random", batch.key, prompts=4, samples=16))  # as run_batch writes it

@@ -187,7 +187,7 @@ async def test_rate_limit_spaces_requests(prefect_api):
             client = EndpointClient(ep, {"max_tokens": 1}, policy)
             double.spans = []
             await asyncio.gather(*(client.complete([{"role": "user", "content": f"{label} {i}"}], 1, i) for i in range(8)))
-            await client.client.close()
+            await client.aclose()
             starts = sorted(s for _, s, _ in double.spans)
             spans[label] = starts[-1] - starts[0]
     finally:

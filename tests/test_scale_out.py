@@ -19,7 +19,7 @@ import time
 import pytest
 from helpers import attached_agents
 from pydantic import SecretStr
-from toa.tasks.prompts import BatchRef
+from toa.batches import BatchRef
 
 from toa.config import ConfigError, load_config
 from toa.db import query

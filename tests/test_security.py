@@ -129,7 +129,7 @@ async def test_errors_never_carry_the_key(tmp_path):
             client = EndpointClient(endpoint, {"max_tokens": 4}, ClientPolicy(retries=0, timeout_s=5))
             layer = CallLayer({"remote": client}, {}, records.append, run_seed=0)
             (gen,) = await layer.for_prompt("p")("remote", [{"role": "user", "content": "hi"}], 1)
-            await client.client.close()
+            await client.aclose()
             assert gen.status == "error" and records[0].status == "error"
             assert key not in gen.error and key not in json.dumps(records[0].__dict__)
             errors.append(gen.error)

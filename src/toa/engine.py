@@ -57,6 +57,7 @@ from toa.servers import Endpoint
 from toa.servers.machine import likely_causes
 from toa.servers.watch import StallDetector, Verdict, watch
 from toa.storage import ShardWriter, Store
+from toa.units import BatchStats, completed, done_marker
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class Engine:
             for task in self.watchers:
                 task.cancel()
             for c in self.clients.values():
-                await c.client.close()
+                await c.aclose()
             aclose = getattr(self.reward_backend, "aclose", None)  # e.g. a launched reward server
             if aclose is not None:
                 await aclose()
@@ -226,30 +227,6 @@ def close_engines(owner: str | None = None) -> None:
         engine.close()
 
 
-# Not a table, so not in toa.rows: the result of one (method, batch) task and, as JSON, its
-# `done` marker; it lives with the code that counts it and reads the marker back.
-@dataclass
-class BatchStats:
-    method: str
-    batch: str
-    prompts: int = 0
-    samples: int = 0
-    calls_made: int = 0  # new generations made by model calls in this attempt
-    calls_failed: int = 0
-    cached: int = 0  # generations replayed from the record
-    reward_errors: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    method_errors: int = 0  # prompts whose method raised
-    skipped: bool = False  # the batch was already done
-    seconds: float = 0.0
-    worker: str = ""  # host:pid of the process that ran it (threads: the flow's; Dask: a worker's)
-
-    @property
-    def failed(self) -> bool:
-        return bool(self.calls_failed or self.reward_errors or self.method_errors)
-
-
 def calls_cache(store: Store, batch: str) -> dict[str, CallRecord]:
     """The recorded successful calls of a batch partition, by call key: what a rerun replays."""
     df = store.read("calls", f"batch={batch}").filter(pl.col("status") == OK)
@@ -259,23 +236,6 @@ def calls_cache(store: Store, batch: str) -> dict[str, CallRecord]:
 def _rewards_cache(store: Store, batch: str) -> dict[str, RewardRecord]:
     df = store.read("rewards", f"batch={batch}").filter(pl.col("status") == OK)
     return {r["reward_key"]: RewardRecord(**r) for r in df.iter_rows(named=True)}
-
-
-def done_marker(run_id: str, method: str, batch: str) -> tuple[str, ...]:
-    return ("done", f"run={run_id}", f"method={method}", f"{batch}.json")
-
-
-def completed(store: Store, run_id: str, method: str, batch: str) -> BatchStats | None:
-    """The record of a finished (method, batch) unit, as this run counts it: skipped, every
-    sample replayed, no call made. None: not finished. The one reader of done markers (the
-    run plan asks it what is left; run_batch, for a unit finished elsewhere since)."""
-    if not store.exists(*done_marker(run_id, method, batch)):
-        return None
-    recorded = store.read_json(*done_marker(run_id, method, batch))
-    done = BatchStats(**{k: v for k, v in recorded.items() if k in BatchStats.__dataclass_fields__})
-    return BatchStats(method, batch, prompts=done.prompts, samples=done.samples, cached=done.samples,
-                      prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens, skipped=True,
-                      worker=done.worker)
 
 
 def run_batch(plan: RunPlan, endpoints: dict[str, Endpoint], method: str, batch: str, prompts: list[Prompt],

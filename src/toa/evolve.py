@@ -420,7 +420,7 @@ def _evolve_with_layer(store, run_cfg, cfg, key, agent, endpoints, selected, cur
         try:
             evo = await evolve_prompts(selected, current, layer.for_prompt, agent, cfg, iteration, metric)
         finally:
-            await client.client.close()
+            await client.aclose()
         return evo, sum(layer.made.values())
 
     try:

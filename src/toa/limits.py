@@ -67,12 +67,12 @@ def require_shared_api(agents: Iterable[Any]) -> None:
 
 async def ensure_limits(agents: Iterable[Any]) -> None:
     """Create or update the Prefect limits the agents ask for; check the ones they only name."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
     agents = [a for a in agents if getattr(a, "global_limit", None) is not None]
     if not agents:
         return
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
     require_shared_api(agents)
     async with get_client() as client:
         for agent in agents:

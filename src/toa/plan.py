@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import toa
-from toa.config import RunConfig
+from toa.config import RunConfig, load_config, place_servers
 from toa.methods import Method
 from toa.rows import content_key
 
@@ -47,6 +47,17 @@ def _result_files(package: Path) -> Iterable[Path]:
         part = package / name
         files = [part] if part.is_file() else [*part.rglob("*.py"), *part.rglob("*.txt")]
         yield from sorted(files, key=lambda p: p.relative_to(package).as_posix())
+
+
+def resolve(config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
+    """The run's config: file, environment and overrides, blocks resolved (before the
+    fingerprint is taken), launched CPU servers placed on their cores."""
+    cfg = load_config(config_file, {k: v for k, v in overrides.items() if v is not None})
+    if cfg.reward.block or cfg.results_block:  # Prefect blocks: imports Prefect, only when named
+        from toa.blocks.resolve import resolve_blocks
+
+        cfg = resolve_blocks(cfg)
+    return place_servers(cfg)
 
 
 def run_id(cfg: RunConfig, code: str | None = None) -> str:
@@ -90,3 +101,4 @@ def describe(plan: RunPlan, units: list[tuple[str, Any, Any]]) -> list[str]:
     lines.append("nothing to run: a rerun returns the recorded result" if not todo else
                  f"{len(todo)} (method, batch) units to run; calls already recorded are replayed, not made")
     return lines
+

@@ -11,8 +11,13 @@ Decisions where the rules are silent:
 - The permutation of chain k comes from random.Random(f"{seed}:{prompt_id}:{k}"): it depends on
   the run seed, the prompt and the chain only, never on global RNG state or on call timing, so
   a rerun (or a resume) draws the same chains. The reference shuffled a global RNG.
-- Chains are independent, so they run concurrently (asyncio.gather); samples are returned in
-  chain-major order (order = k * M + j).
+- Chains are independent, so they run concurrently, step by step (docs/methods.md §3.1): step j
+  of every chain goes out at once, in chain order, after every chain's step j-1 has returned.
+  Two chains can send the identical request (same agent, same response to refine: a shared
+  first agent, a temperature-0 server); slots follow the order requests are asked, so chains
+  running freely would hand those slots out by which earlier call returned first, and a rerun
+  could give chain 1 the sample chain 0 had. Step by step, chain order decides. Samples are
+  returned in chain-major order (order = k * M + j).
 - A failed step is kept as a Sample with its error; the next agent refines the last successful
   response of the chain (its parent), or answers Q afresh if there is none yet.
 """
@@ -34,19 +39,27 @@ def chain_order(ctx: MethodContext, chain: int) -> list[str]:
     return agents
 
 
-async def _chain(ctx: MethodContext, agents: list[str]) -> list[tuple[str, Generation, str | None]]:
-    """One chain: (agent, generation, parent sample id) per step."""
-    refine = load("refine")
-    steps: list[tuple[str, Generation, str | None]] = []
-    last_ok: Generation | None = None
-    for agent in agents:
-        text = ctx.prompt.text if last_ok is None else \
-            refine.render(question=ctx.prompt.text, answer=last_ok.text or "")
-        gen = (await ctx.generate(agent, user(text), 1))[0]
-        steps.append((agent, gen, last_ok.sample_id if last_ok else None))
-        if gen.ok:
-            last_ok = gen
-    return steps
+async def _step(ctx: MethodContext, agent: str, last_ok: Generation | None) -> Generation:
+    """One step of a chain: answer Q, or refine the chain's last successful response."""
+    text = ctx.prompt.text if last_ok is None else \
+        load("refine").render(question=ctx.prompt.text, answer=last_ok.text or "")
+    return (await ctx.generate(agent, user(text), 1))[0]
+
+
+async def _chains(ctx: MethodContext) -> list[list[tuple[str, Generation, str | None]]]:
+    """Every chain's (agent, generation, parent sample id) per step, run step by step: gather
+    starts its tasks in argument order and each asks for its slot in its first step, so slots
+    follow chain order (docs/methods.md §3.1)."""
+    orders = [chain_order(ctx, k) for k in range(ctx.n)]
+    chains: list[list[tuple[str, Generation, str | None]]] = [[] for _ in orders]
+    last_ok: list[Generation | None] = [None] * ctx.n
+    for j in range(len(ctx.agents)):
+        gens = await asyncio.gather(*(_step(ctx, order[j], last) for order, last in zip(orders, last_ok)))
+        for k, gen in enumerate(gens):
+            chains[k].append((orders[k][j], gen, last_ok[k].sample_id if last_ok[k] else None))
+            if gen.ok:
+                last_ok[k] = gen
+    return chains
 
 
 @register
@@ -57,7 +70,7 @@ class SequentialRefine(Method):
 
     async def run(self, ctx: MethodContext) -> MethodOutput:
         m = len(ctx.agents)
-        chains = await asyncio.gather(*(_chain(ctx, chain_order(ctx, k)) for k in range(ctx.n)))
+        chains = await _chains(ctx)
         steps = [(k, j, *step) for k, chain in enumerate(chains) for j, step in enumerate(chain)]
         scores = await score_all(ctx, [gen for *_, gen, _ in steps])
         return MethodOutput([

@@ -23,6 +23,14 @@ reference mode; `mode="improved"` turns on the first three, any option can be se
   rewards whose scale does not suit sigmoid(raw / tau), e.g. a 1-10 judge.
 - incremental_width (on in both modes, results unchanged): response nodes are counted per depth
   as they are created instead of by the reference's whole-tree walk per selection step.
+- parallel (improved mode only; refused in reference mode): simulations of this one tree in
+  flight at once, with a virtual loss (docs/methods.md §5.12). 1 (default) is the sequential
+  search, unchanged. A window of `parallel` plays: play i is selected while plays i-k+1..i-1
+  are pending, each pending play holding `virtual_loss` visits worth v = 0 on its path (its
+  agent node and every ancestor) so that UCB steers the next selections elsewhere; plays are
+  started and applied (virtual loss removed, attach, backup) in play order, and the window
+  waits for its OLDEST play, never for whichever finished first. So the tree, every request
+  and every slot are the same on every run; only the plays' overlap depends on timing.
 
 Decisions where the rules are silent:
 - Failed generation or failed score: the play is spent (P still counts it), the Sample is kept
@@ -52,12 +60,14 @@ Decisions where the rules are silent:
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from toa.methods.base import Method, MethodContext, Options, register, score_all, user
 from toa.rows import Generation, MethodOutput, Sample, Score, TreeNode
@@ -77,6 +87,15 @@ class TOAOptions(Options):
     refine_cap: int | None = Field(None, ge=1, description="Responses an agent node absorbs without beating its parent before it counts as fully expanded; None: off (improved: ceil(W / M)).")
     max_depth: int | None = Field(None, ge=2, description="Deepest response node (tree depth; first responses are at 2).")
     incremental_width: bool = Field(True, description="Count response nodes per depth as they are created (same results, no whole-tree walk).")
+    parallel: int = Field(1, ge=1, description="Simulations of one prompt's tree in flight at once (docs/methods.md §5.12); 1: the sequential search. More than 1 needs mode = 'improved'.")
+    virtual_loss: float = Field(1.0, ge=0, description="Visits, each worth v = 0, that a simulation in flight adds to every node on its path so that concurrent selections spread out; 0: they stack on one node. Used only with parallel > 1.")
+
+    @model_validator(mode="after")
+    def _reference_is_sequential(self) -> TOAOptions:
+        if self.parallel > 1 and self.mode == "reference":
+            raise ValueError(f"parallel: {self.parallel} simulations at once need mode = 'improved'; reference mode "
+                             f"is the paper's sequential search (docs/methods.md §5.12)")
+        return self
 
 
 @dataclass(eq=False)
@@ -95,6 +114,7 @@ class Node:
     values: list[float] = field(default_factory=list)
     children: list[Node] = field(default_factory=list, repr=False)
     priors_added: bool = False
+    pending: int = 0  # simulations in flight through this node (virtual loss, §5.12); not copied to priors
 
     def mean(self) -> float | None:
         # np.mean, not sum / len: numpy's pairwise summation rounds differently, and with equal
@@ -180,6 +200,15 @@ class Tree:
             node.values.append(v)
             node = node.parent
 
+    @staticmethod
+    def hold(agent_node: Node, delta: int) -> None:
+        """§5.12: a simulation starts (+1) or ends (-1) on the path from `agent_node` to the root.
+        The path is fixed: nodes are never moved, so the one held is the one released."""
+        node: Node | None = agent_node
+        while node is not None:
+            node.pending += delta
+            node = node.parent
+
     # -- rules --------------------------------------------------------------------------
     def is_leaf_depth(self, depth: int) -> bool:
         return self.opts.max_depth is not None and depth + 2 > self.opts.max_depth
@@ -215,7 +244,10 @@ class Tree:
             # (§5 "reference tie-break: the LAST of equal maxima"; see the module docstring)
             ranked = sorted(range(len(children)), key=lambda i: (children[i].reward, i))
             children = [children[i] for i in sorted(ranked[-self.opts.top_k:])]
-        n_ucb = node.visits if self.opts.ucb_parent_visits else plays  # §5 quirk: global P, 1-based
+        # §5 quirk: global P, 1-based (pending plays count: each was selected); parent visits
+        # count their virtual ones (§5.12)
+        n_ucb = node.visits + self.opts.virtual_loss * node.pending if node.pending else node.visits
+        n_ucb = n_ucb if self.opts.ucb_parent_visits else plays
         best, best_score = children[0], None
         for child in children:
             score = self.ucb(child, n_ucb)
@@ -224,6 +256,10 @@ class Tree:
         return best
 
     def ucb(self, child: Node, n: int) -> float:
+        virtual = self.opts.virtual_loss * child.pending
+        if virtual:  # §5.12: pending visits worth 0 (never with parallel = 1: nothing is pending then)
+            mean = float(np.sum(child.values)) / (len(child.values) + virtual)
+            return float(mean + self.opts.alpha * np.sqrt(2 * np.log(n) / (child.visits + virtual)))
         if child.visits == 1 and not child.values:
             return math.inf  # §5: +inf for an unvisited node
         # numpy as in the reference, so that scores and their ties are bit-identical
@@ -278,20 +314,40 @@ class TOA(Method):
     async def run(self, ctx: MethodContext) -> MethodOutput:
         opts, width = self.resolve(len(ctx.agents), ctx.n)
         tree, normalize = Tree(ctx.agents, opts, width), Normalizer(opts.normalize, opts.tau)
-        refine = load("refine")
         samples: list[Sample] = []
-        for play in range(ctx.budget):  # §5: exactly n * M plays
-            node = tree.select(plays=play + 1)
-            text = ctx.prompt.text if node.refine is None else \
-                refine.render(question=ctx.prompt.text, answer=node.refine.text or "")  # §5 step 2
-            gen = (await ctx.generate(node.agent, user(text), 1))[0]  # step 3: expansion
-            score = (await score_all(ctx, [gen]))[0]  # step 4: reward vs the ORIGINAL prompt
-            samples.append(self._sample(node, gen, score, play))
-            if gen.ok and score.ok:  # a failed play leaves the tree unchanged (docstring)
-                v = normalize(score.value)
-                tree.attach(node, gen, v)  # step 5
-                tree.backup(node, v)  # step 6
+        window: deque[tuple[Node, int, asyncio.Task]] = deque()  # plays in flight, oldest first
+        try:
+            for play in range(ctx.budget):  # §5: exactly n * M plays
+                if len(window) == opts.parallel:  # the OLDEST, not the first done: same tree every run
+                    samples.append(await self._finish(tree, normalize, *window.popleft()))
+                node = tree.select(plays=play + 1)
+                tree.hold(node, +1)
+                # a task's first step asks for its slot, and tasks start in creation order (§5.12)
+                window.append((node, play, asyncio.create_task(self._play(ctx, node))))
+            while window:
+                samples.append(await self._finish(tree, normalize, *window.popleft()))
+        finally:  # a play that raised ends the prompt: leave no orphan task behind
+            for *_, task in window:
+                task.cancel()
         return MethodOutput(samples, [n.row() for n in tree.nodes])
+
+    @staticmethod
+    async def _play(ctx: MethodContext, node: Node) -> tuple[Generation, Score]:
+        """§5.6 steps 2-4 for the selected agent node: prompt, one generation, its reward."""
+        text = ctx.prompt.text if node.refine is None else \
+            load("refine").render(question=ctx.prompt.text, answer=node.refine.text or "")  # step 2
+        gen = (await ctx.generate(node.agent, user(text), 1))[0]  # step 3: expansion
+        return gen, (await score_all(ctx, [gen]))[0]  # step 4: reward vs the ORIGINAL prompt
+
+    async def _finish(self, tree: Tree, normalize: Normalizer, node: Node, play: int, task: asyncio.Task) -> Sample:
+        """The play's Sample once its task is done, after §5.6 steps 5-6 (called in play order)."""
+        gen, score = await task
+        tree.hold(node, -1)  # §5.12: the virtual loss goes before the real value comes
+        if gen.ok and score.ok:  # a failed play leaves the tree unchanged (docstring)
+            v = normalize(score.value)
+            tree.attach(node, gen, v)  # step 5
+            tree.backup(node, v)  # step 6
+        return self._sample(node, gen, score, play)
 
     @staticmethod
     def _sample(node: Node, gen: Generation, score: Score, play: int) -> Sample:

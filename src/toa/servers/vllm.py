@@ -181,6 +181,13 @@ def build_command(spec: LaunchSpec, *, model_dir: str, served_name: str, port: i
         # seeded request's prefill is chunked, which happens as soon as several requests are in
         # flight; measured: 48 concurrent seeded requests, all failed without this flag, none with it.
         cmd.append("--no-enable-chunked-prefill")
+    if not any("prefix-caching" in a for a in spec.extra_args):
+        cmd.append("--enable-prefix-caching")  # explicit: toa's methods send shared prefixes
+    if device == "cpu" and not any(a.startswith("--block-size") for a in spec.extra_args):
+        # Only whole KV blocks are cached and vLLM's CPU default block is 128 tokens: a shared
+        # template + question shorter than that never hit ("Prefix cache hit rate: 0.0%" in
+        # every CPU log before this). 32 is the smallest size the CPU backend prefers.
+        cmd += ["--block-size", "32"]
     if chat_template_path is not None:
         cmd += ["--chat-template", chat_template_path]
     return cmd + list(spec.extra_args)

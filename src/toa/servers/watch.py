@@ -32,6 +32,8 @@ _METRICS = {
     "vllm:num_requests_waiting": "waiting",
     "vllm:generation_tokens_total": "generated",
     "vllm:prompt_tokens_total": "prompted",
+    "vllm:prefix_cache_queries_total": "cache_queries",  # prompt tokens looked up in the prefix cache
+    "vllm:prefix_cache_hits_total": "cache_hits",  # ... and found there
 }
 
 
@@ -43,6 +45,8 @@ class Load:
     waiting: float = 0.0
     generated: float = 0.0  # generation tokens since the server started
     prompted: float = 0.0  # prompt tokens since the server started
+    cache_queries: float = 0.0
+    cache_hits: float = 0.0
 
     def describe(self) -> str:
         return (f"vllm:num_requests_running={self.running:g}, vllm:num_requests_waiting={self.waiting:g}, "

@@ -27,7 +27,7 @@ BENCHMARKS = {
                      ["orchestrator.py", "--calls", "2000", "10000"], "orchestrator:",
                      "CPU per model call of the `toa` flow against a stub server, next to a minimal raw client"),
     "throughput": (["throughput.py", "--prompts", "64", "--toa-prompts", "128", "--dtype", "float32",
-                    "--memory", "10000", "100000"],
+                    "--memory", "10000"],
                    ["throughput.py", "--prompts", "32", "--toa-prompts", "32", "--dtype", "float32", "--memory"],
                    "c/d", "toa against the raw client on one vLLM CPU server (float32), prefix-cache hits per phase"),
     "toa_parallel": (["toa_parallel.py", "--prompts", "16"], ["toa_parallel.py", "--prompts", "4"], "toa_parallel:",

@@ -61,35 +61,40 @@ FROM observed o LEFT JOIN configured c USING (run_id);
 -- Cost: the weight depends only on (i, N, k), so the rewards are first summed per (N, i) over the
 -- prompts, and the mean over prompts is sum over (N, i) of that sum * weight / prompts: the
 -- terms number (distinct N) * N * k, not prompts * N * k (160 x 160 x a few N for a paper-sized run).
+-- The ranks come from each prompt's rewards sorted as a list (a hash aggregate and small sorts),
+-- not from a window over all samples (one sort of them all), and every step reads the one before
+-- it once: a step read twice would be materialized, and a filter on run_id / method would then no
+-- longer reach the Parquet scan (benchmarks/store_scale.py).
 CREATE OR REPLACE VIEW best_of_k AS
-WITH ranked AS (
-    SELECT run_id, method, prompt_id, reward,
-           row_number() OVER (PARTITION BY run_id, method, prompt_id ORDER BY reward) AS i,
-           count(*) OVER (PARTITION BY run_id, method, prompt_id) AS n
-    FROM scored_samples
+WITH sorted AS (
+    SELECT run_id, method, list_sort(list(reward)) AS rewards
+    FROM scored_samples GROUP BY run_id, method, prompt_id
 ), by_rank AS (
-    SELECT run_id, method, n, i, sum(reward) AS reward_sum FROM ranked GROUP BY ALL
-), prompts AS (
-    SELECT run_id, method, count(DISTINCT prompt_id) AS prompts FROM ranked GROUP BY ALL
+    -- rank i of N (1-based, ascending); `prompts`: how many prompts have that (N, i)
+    SELECT run_id, method, n, i, sum(reward) AS reward_sum, count(*) AS prompts
+    FROM (SELECT run_id, method, len(rewards) AS n, unnest(range(1, len(rewards) + 1)) AS i,
+                 unnest(rewards) AS reward FROM sorted)
+    GROUP BY ALL
 ), grid AS (
     SELECT run_id, method, unnest(range(1, budget + 1)) AS k FROM run_budget
 ), terms AS (
-    SELECT g.run_id, g.method, g.k, r.reward_sum, r.i, r.n, least(g.k, r.n) AS kk
+    SELECT g.run_id, g.method, g.k, r.reward_sum, r.i, r.n, least(g.k, r.n) AS kk, r.prompts
     FROM grid g JOIN by_rank r USING (run_id, method)
 ), curve AS (
     SELECT run_id, method, k,
            sum(CASE WHEN i >= kk THEN reward_sum * exp(
                    lgamma(i) - lgamma(kk) - lgamma(i - kk + 1)            -- log C(i-1, kk-1)
                    - (lgamma(n + 1) - lgamma(kk + 1) - lgamma(n - kk + 1)) -- log C(n, kk)
-               ) ELSE 0 END) AS reward_total
+               ) ELSE 0 END) AS reward_total,
+           sum(prompts) FILTER (WHERE i = 1) AS prompts  -- every scored prompt has one rank 1
     FROM terms GROUP BY ALL
 ), cost AS (
     SELECT run_id, method, avg(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)) AS tokens_per_generation
     FROM samples WHERE action <> 'method_error' GROUP BY ALL
 )
-SELECT c.run_id, c.method, c.k, c.reward_total / p.prompts AS best_reward, p.prompts::BIGINT AS prompts,
+SELECT c.run_id, c.method, c.k, c.reward_total / c.prompts AS best_reward, c.prompts::BIGINT AS prompts,
        (c.k * t.tokens_per_generation)::DOUBLE AS tokens
-FROM curve c JOIN prompts p USING (run_id, method) JOIN cost t USING (run_id, method)
+FROM curve c JOIN cost t USING (run_id, method)
 ORDER BY c.run_id, c.method, c.k;
 
 -- The reference's curve: the best reward among the FIRST k generations in the method's

@@ -10,23 +10,25 @@ SELECT run_id, method, prompt_id,
 FROM samples
 GROUP BY ALL;
 
--- The per-method table the flow publishes as an artifact.
+-- The per-method table the flow publishes as an artifact. One pass over the samples, per prompt
+-- and then per method (the same numbers as counting the samples and averaging prompts_best, at
+-- half the reading: benchmarks/store_scale.py).
 CREATE OR REPLACE VIEW method_summary AS
-WITH s AS (
-    SELECT run_id, method,
-           count(DISTINCT prompt_id) AS prompts,
+WITH per_prompt AS (
+    SELECT run_id, method, prompt_id,
+           max(reward) FILTER (WHERE status = 'ok' AND reward_status = 'ok') AS best_reward,
+           avg(reward) FILTER (WHERE status = 'ok' AND reward_status = 'ok') AS mean_reward,
            count(*) FILTER (WHERE action <> 'method_error') AS generations,
            count(*) FILTER (WHERE status <> 'ok') AS generation_errors,
            count(*) FILTER (WHERE status = 'ok' AND reward_status = 'error') AS reward_errors,
-           sum(prompt_tokens)::BIGINT AS prompt_tokens,
-           sum(completion_tokens)::BIGINT AS completion_tokens
+           sum(prompt_tokens) AS prompt_tokens,
+           sum(completion_tokens) AS completion_tokens
     FROM samples GROUP BY ALL
-), p AS (
-    SELECT run_id, method, avg(best_reward) AS best_reward, avg(mean_reward) AS mean_reward
-    FROM prompts_best GROUP BY ALL
 )
-SELECT s.run_id, s.method, s.prompts, round(p.best_reward, 4) AS best_reward,
-       round(p.mean_reward, 4) AS mean_reward, s.generations, s.generation_errors, s.reward_errors,
-       s.prompt_tokens, s.completion_tokens
-FROM s JOIN p USING (run_id, method)
-ORDER BY s.run_id, s.method;
+SELECT run_id, method, count(prompt_id) AS prompts, round(avg(best_reward), 4) AS best_reward,
+       round(avg(mean_reward), 4) AS mean_reward, sum(generations)::BIGINT AS generations,
+       sum(generation_errors)::BIGINT AS generation_errors, sum(reward_errors)::BIGINT AS reward_errors,
+       sum(prompt_tokens)::BIGINT AS prompt_tokens, sum(completion_tokens)::BIGINT AS completion_tokens
+FROM per_prompt
+GROUP BY ALL
+ORDER BY run_id, method;

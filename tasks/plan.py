@@ -12,12 +12,10 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from toa.flows.params import RunParameters
-
-from toa.batches import BatchRef
 
 from toa import stopping
-from toa.config import RunConfig
+from toa.batches import BatchRef
+from toa.flows.params import RunParameters
 from toa.db import create_views
 from toa.limits import require_shared_api
 from toa.plan import RunPlan, plan_run, resolve

@@ -160,7 +160,7 @@ class RunProgress:
         _notify(self.tracker)
 
     def finished(self, method: str, batch: str, stats: Any | None, error: str | None = None) -> Snapshot:
-        """Record a finished batch: `stats` (toa.engine.BatchStats) when it completed, else the error."""
+        """Record a finished batch: `stats` (toa.units.BatchStats) when it completed, else the error."""
         unit = (method, batch)
         if stats is not None:
             self.tracker.finish(unit, stats.prompts, skipped=stats.skipped)

@@ -7,6 +7,8 @@ import ast
 import hashlib
 import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -126,6 +128,26 @@ def test_create_views_then_a_new_shard_is_visible_without_rewriting_the_file(wri
     write_run(written, "run2")
     assert query(written, "select count(distinct run_id) as n from samples")["n"][0] == 2
     assert database_path(written).read_bytes() == before
+
+
+# What `toa sql` must not load: the config and the methods (~0.7 s of imports), Prefect, the
+# servers, pyarrow (the result reaches polars through the Arrow C stream), fsspec (not for a
+# plain local root).
+NOT_FOR_SQL = ("toa.config", "toa.methods", "toa.servers", "toa.supervise", "prefect", "pyarrow", "httpx", "fsspec")
+
+
+def test_toa_sql_with_a_root_imports_only_what_a_query_needs(written):
+    """`toa sql --root` answers in well under a second: it loads DuckDB, polars and the views'
+    code, nothing else. In a fresh interpreter, as the `toa` command starts."""
+    script = "\n".join([
+        "import sys",
+        "from toa.cli import main",
+        f"main(['sql', 'select count(*) as n from samples', '--root', {written.root!r}])",
+        f"print([m for m in sys.modules if any(m == n or m.startswith(n + '.') for n in {NOT_FOR_SQL!r})])",
+    ])
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert re.search(rf"\b{N_SAMPLES}\b", out)
+    assert out.splitlines()[-1] == "[]"
 
 
 # -- no SQL outside sql/ ---------------------------------------------------------------------

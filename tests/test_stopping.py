@@ -156,6 +156,31 @@ def test_a_second_ctrl_c_exits_at_once_and_loses_no_finished_call(tmp_path):
 
 
 @pytest.mark.integration
+def test_rerun_of_a_finished_run_starts_nothing_and_prints_its_result(tmp_path):
+    """`toa run` on a finished run answers from its recorded result: no Prefect API, no server,
+    no model call (cli._finished_run), the same summary with every sample replayed."""
+    guards_before = set(processes(GUARD_MARK))
+    with OpenAIDouble(KEY) as double:
+        run_file = slow_run_file(tmp_path, double, "ok")
+        first = toa_run(run_file)
+        out = first.communicate(timeout=300)[0].decode()
+        assert first.returncode == 0, out[-3000:]
+        api_log = tmp_path / "results" / "logs" / "prefect-api.log"
+        api_log_size, seen = api_log.stat().st_size, len(double.requests)
+        rerun = toa_run(run_file)
+        again = rerun.communicate(timeout=120)[0].decode()
+    assert rerun.returncode == 0, again[-3000:]
+    assert "is complete: every (method, batch) unit is done" in again, again[-3000:]
+    assert len(double.requests) == seen  # no model call
+    assert api_log.stat().st_size == api_log_size  # no temporary Prefect API was started
+    assert not set(processes(GUARD_MARK)) - guards_before
+    run_line = next(line for line in out.splitlines() if line.startswith("run "))
+    assert run_line in again.splitlines()  # the same run id
+    replayed = [line.split() for line in again.splitlines() if line.startswith(("random ", "parallel_ensemble "))]
+    assert len(replayed) == 2 and all(row[6] == "0" for row in replayed), again  # new calls: 0
+
+
+@pytest.mark.integration
 def test_sigkill_of_the_orchestrator_ends_the_servers_it_launched(tmp_path):
     alias = "sigkill-smollm2"
     guards_before = set(processes(GUARD_MARK))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
+import duckdb
 import pytest
 
-from toa.db import connect, database_path, query
+from toa.db import connect, create_views, database_path, query
 from toa.rows import SCHEMAS, frame
 from toa.storage import ShardWriter, Store
 
@@ -83,3 +84,45 @@ def test_local_dir_is_inside_a_local_root_and_beside_the_cwd_for_a_remote_one(tm
     assert Store(str(tmp_path)).local_dir("reports", "run=r1") == f"{tmp_path}/reports/run=r1"
     monkeypatch.chdir(tmp_path)
     assert Store("memory://bucket/results").local_dir("reports", "run=r1") == f"{tmp_path}/toa-reports/run=r1"
+
+
+def _unions(store) -> dict[str, bool]:
+    """Per table view of the database file: whether it unions its shards by name."""
+    con = duckdb.connect(str(database_path(store)), read_only=True)
+    try:
+        return {name: "union_by_name = true" in sql for name, sql in
+                con.execute("select view_name, sql from duckdb_views() where not internal").fetchall() if name in SCHEMAS}
+    finally:
+        con.close()
+
+
+def test_only_a_table_with_an_older_shard_is_read_by_name(tmp_path):
+    """Views bind from one shard when all of a table's shards have its columns (binding with
+    union_by_name reads every shard's footer, per query); a shard written before a column was
+    added keeps union_by_name for its table, and reads that column as null."""
+    store = Store(str(tmp_path))
+    store.write_rows("calls", [call("k1")], "batch=b", "new.parquet")
+    create_views(store)
+    assert not any(_unions(store).values())
+    older = frame("calls", [call("k0", created=0.5)]).drop("logprob")
+    store.write_frame(older, store.path("calls", "batch=b", "old.parquet"))
+    create_views(store)
+    assert [t for t, union in _unions(store).items() if union] == ["calls"]
+    both = "select call_key, logprob from calls order by call_key"
+    assert query(store, both).rows() == [("k0", None), ("k1", None)]  # the database file's views
+    database_path(store).unlink()
+    assert query(store, both).rows() == [("k0", None), ("k1", None)]  # views built in memory
+
+
+@pytest.mark.parametrize("form", ["{tmp}/results", "{tmp}/results/", "results", "results/sub/", "./results", ".", "./"])
+def test_a_plain_local_root_is_the_one_fsspec_makes(tmp_path, monkeypatch, form):
+    """A plain path is resolved without importing fsspec (`toa sql` answers faster), to the same
+    root fsspec gives; its filesystem is fsspec's local one."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    monkeypatch.chdir(tmp_path)
+    url = form.format(tmp=tmp_path)
+    store = Store(url)
+    assert store.local and store.root == fsspec.core.url_to_fs(url)[1].rstrip("/")
+    assert isinstance(store.fs, LocalFileSystem)

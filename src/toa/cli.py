@@ -31,7 +31,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from toa.config import load_config
 from toa.errors import UserError
 
 
@@ -49,6 +48,7 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
 
 
 def cmd_setup(args) -> None:
+    from toa.config import load_config
     from toa.servers import EMBEDDED_MODELS, ensure_embedded_model, ensure_vllm_cpu_venv
     from toa.servers.spec import cuda_available
 
@@ -65,6 +65,7 @@ def cmd_setup(args) -> None:
 
 def cmd_doctor(args) -> None:
     """What this machine is, what is installed, what a run will do; exit 1 on a problem."""
+    from toa.config import load_config
     from toa.doctor import diagnose
 
     report = diagnose(load_config(args.config, _parse_sets(args.set)), probe=args.probe)
@@ -81,12 +82,17 @@ def _prefect_env() -> None:
 
 
 def cmd_run(args) -> None:
+    from toa.config import load_config
     from toa.preflight import check_inputs
 
     _prefect_env()
     overrides = _parse_sets(args.set)
     cfg = load_config(args.config, overrides)  # validate before Prefect starts: a bad config fails fast
     check_inputs(cfg)
+    finished = _finished_run(args.config, overrides)
+    if finished is not None:
+        _print_result(finished)
+        return
     from toa.flows.synthesize import toa
 
     result = _run_flow(lambda: toa(config_file=args.config, overrides=overrides, return_state=True),
@@ -94,13 +100,30 @@ def cmd_run(args) -> None:
     _print_result(result)
 
 
+def _finished_run(config_file: str | None, overrides: dict) -> dict | None:
+    """The recorded result when every unit of this run is already done: a rerun then prints it
+    without starting a Prefect API, servers or the flow. None when there is work left."""
+    from toa.batches import planned_batches
+    from toa.plan import plan_run, resolve
+    from toa.storage import Store
+    from toa.units import finished_result, result_marker, unit_states
+
+    plan = plan_run(resolve(config_file, overrides))
+    if not Store(plan.cfg.results_root, plan.cfg.storage_options).exists(*result_marker(plan.run_id)):
+        return None  # not finished: no need to read the prompt source here
+    finished = finished_result(plan, unit_states(plan, planned_batches(plan.cfg)))
+    if finished is not None:
+        print(f"run {plan.run_id} is complete: every (method, batch) unit is done; its recorded result:")
+    return finished
+
+
 def cmd_plan(args) -> None:
     """What `toa run` would do, starting nothing: the run id, the (method, batch) units done and
     to run, the generations to expect."""
-    from toa.plan import describe, plan_run
+    from toa.batches import planned_batches
+    from toa.plan import describe, plan_run, resolve
+    from toa.units import unit_states
     from toa.preflight import check_prompt_source
-    from toa.tasks.plan import resolve, unit_states
-    from toa.tasks.prompts import planned_batches
 
     _prefect_env()
     cfg = resolve(args.config, _parse_sets(args.set))
@@ -111,6 +134,7 @@ def cmd_plan(args) -> None:
 
 def cmd_evolve(args) -> None:
     """Run the `toa-evolve` flow and print each iteration's run and the evolve id."""
+    from toa.config import load_config
     from toa.preflight import check_inputs
 
     _prefect_env()
@@ -297,7 +321,11 @@ def cmd_tree(args) -> None:
 
 
 def _root(args) -> str:
-    return args.root or load_config(args.config).results_root
+    if args.root:
+        return args.root
+    from toa.config import load_config  # only without --root: it loads every method (~0.7 s)
+
+    return load_config(args.config).results_root
 
 
 def cmd_report(args) -> None:
@@ -388,28 +416,35 @@ def main(argv: list[str] | None = None) -> None:
 
 def _exit_code(args) -> int:
     """Run the command; the errors a user meets end in one message and a status, not a traceback."""
-    from toa.servers.vllm import ServerStartError
-    from toa.supervise import Interrupted
-
     debug = getattr(args, "debug", False)
     try:
         args.fn(args)
         return 0
-    except Interrupted as exc:
-        print(f"toa {args.command}: {exc}; finished calls are recorded, the same command resumes the run",
-              file=sys.stderr)
-        return exc.code
-    except UserError as exc:
+    except KeyboardInterrupt as exc:
         _report(exc, debug)
-        return 2
-    except (ServerStartError, KeyboardInterrupt) as exc:
-        _report(exc, debug)
-        return 130 if isinstance(exc, KeyboardInterrupt) else 1
+        return 130
     except Exception as exc:
+        if _raised(exc, "toa.supervise", "Interrupted"):
+            print(f"toa {args.command}: {exc}; finished calls are recorded, the same command resumes the run",
+                  file=sys.stderr)
+            return exc.code
+        if isinstance(exc, UserError):
+            _report(exc, debug)
+            return 2
+        if _raised(exc, "toa.servers.vllm", "ServerStartError"):
+            _report(exc, debug)
+            return 1
         if args.command not in ("run", "evolve"):
             raise
         _report(exc, debug, prefix=f"toa {args.command} failed: {type(exc).__name__}: ")
         return 1
+
+
+def _raised(exc: BaseException, module: str, name: str) -> bool:
+    """isinstance(exc, module.name), without importing the module for commands that never load
+    it (`toa sql` answers in a fraction of the time those imports take): unloaded, it raised nothing."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(exc, getattr(loaded, name))
 
 
 def _report(exc: BaseException, debug: bool, prefix: str = "") -> None:

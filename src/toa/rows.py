@@ -13,7 +13,7 @@ The request layer produces `CallRecord`s, the reward service `RewardRecord`s, pr
 `Prompt`s and `SkippedRow`s.
 
 Records that are not tables (a task's parameter or result, never passed to `frame`) live with
-the code that makes them: toa.tasks.prompts.BatchRef, toa.engine.BatchStats.
+the code that makes them: toa.batches.BatchRef, toa.units.BatchStats.
 
 Errors are data: a failed call or reward is a row with status "error" and its message; the
 reward stays None and is never turned into 0.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -430,21 +431,26 @@ def _schema(table: str) -> dict[str, pl.DataType]:
     return SCHEMAS[table]
 
 
+# Each row's values in its table's column order, taken by one C call per row (frame's hot loop).
+_ATTRS = {table: operator.attrgetter(*schema) for table, schema in SCHEMAS.items()}
+_ITEMS = {table: operator.itemgetter(*schema) for table, schema in SCHEMAS.items()}
+
+
 def _values(table: str, row: Any) -> tuple:
     """One row's column values in the table's order. A typed row must be the table's class; a
     dict (accepted while writers move to typed rows) must have exactly the table's columns."""
-    schema = _schema(table)
     if isinstance(row, TABLES[table]):
-        return tuple(getattr(row, c) for c in schema)
+        return _ATTRS[table](row)
     if not isinstance(row, dict):
         raise RowError(f"table {table!r} takes {TABLES[table].__name__} rows, not {type(row).__name__}")
-    unknown = [k for k in row if k not in schema]
-    missing = [c for c in schema if c not in row]
-    if unknown or missing:
+    schema = SCHEMAS[table]
+    if row.keys() != schema.keys():
+        unknown = [k for k in row if k not in schema]
+        missing = [c for c in schema if c not in row]
         problems = ([f"unknown column(s) {', '.join(map(repr, unknown))}"] if unknown else []) + \
                    ([f"missing column(s) {', '.join(map(repr, missing))}"] if missing else [])
         raise RowError(f"table {table!r}: {'; '.join(problems)}")
-    return tuple(row[c] for c in schema)
+    return _ITEMS[table](row)
 
 
 def frame(table: str, rows: list[Any]) -> pl.DataFrame:
@@ -453,7 +459,11 @@ def frame(table: str, rows: list[Any]) -> pl.DataFrame:
     schema = _schema(table)
     if not rows:
         return pl.DataFrame(schema=schema)
-    return pl.DataFrame([_values(table, r) for r in rows], schema=schema, orient="row")
+    values = [_values(table, r) for r in rows]
+    try:  # column by column: twice as fast as from row tuples (benchmarks/store_scale.py)
+        return pl.DataFrame(dict(zip(schema, zip(*values))), schema=schema)
+    except TypeError:  # a value of another type (an int in a str column): converted as rows always were
+        return pl.DataFrame(values, schema=schema, orient="row")
 
 
 def conform(table: str, df: pl.DataFrame) -> pl.DataFrame:

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import fsspec
+import orjson
 import polars as pl
-from fsspec.implementations.local import LocalFileSystem
 
 from toa.errors import UserError
 from toa.rows import SCHEMAS, TABLES, frame
@@ -39,15 +39,44 @@ SCHEMA_SHARD = "_schema.parquet"  # an empty shard per table so views work befor
 class ResultsRootNotWritable(UserError, PermissionError):
     """The results root cannot be written (checked before any model call)."""
 
+
+def _plain_local_path(url: str) -> str | None:
+    """The root fsspec makes of a plain POSIX path (absolute: as it is; relative: below the
+    working directory), without importing fsspec, for commands that only query (`toa sql`).
+    None for anything fsspec must resolve: a URL or chained URL, `~`, another OS's paths.
+    tests/test_storage_db.py checks that the two agree."""
+    if not isinstance(url, str) or os.sep != "/" or ":" in url or url.startswith("~"):
+        return None
+    if not url.startswith("/"):
+        url = f"{os.getcwd()}/{'' if url == '.' else url.removeprefix('./')}"
+    return url.rstrip("/")
+
+
 class Store:
     def __init__(self, root_url: str, storage_options: dict[str, Any] | None = None):
         self.url = root_url
         # credentials from a ResultsLocation block arrive as SecretStr (masked in config dumps)
         options = {k: v.get_secret_value() if hasattr(v, "get_secret_value") else v
                    for k, v in (storage_options or {}).items()}
-        self.fs, self.root = fsspec.core.url_to_fs(root_url, **options)
-        self.root = self.root.rstrip("/")
-        self.local = isinstance(self.fs, LocalFileSystem)
+        plain = None if options else _plain_local_path(root_url)
+        if plain is not None:  # fsspec (~0.05 s to import) is loaded when a file is first touched
+            self._fs, self.root, self.local = None, plain, True
+            return
+        import fsspec
+        from fsspec.implementations.local import LocalFileSystem
+
+        self._fs, root = fsspec.core.url_to_fs(root_url, **options)
+        self.root = root.rstrip("/")
+        self.local = isinstance(self._fs, LocalFileSystem)
+
+    @property
+    def fs(self):
+        """The root's fsspec filesystem."""
+        if self._fs is None:
+            from fsspec.implementations.local import LocalFileSystem
+
+            self._fs = LocalFileSystem()
+        return self._fs
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -74,7 +103,9 @@ class Store:
     # -- writing ---------------------------------------------------------------------------
     def write_frame(self, df: pl.DataFrame, target: str) -> str:
         buf = io.BytesIO()
-        df.write_parquet(buf, compression="zstd")
+        # zstd level 1: a quarter less CPU than the default 3 for 5 % larger shards of text
+        # (benchmarks/store_scale.py); reading them costs the same
+        df.write_parquet(buf, compression="zstd", compression_level=1)
         self._put(buf.getvalue(), target)
         return target
 
@@ -140,7 +171,9 @@ class ShardWriter:
     (rows already in a shard skipped) before the partition is read. A live writer holds an
     flock on its journal, so it is never taken from under it."""
 
-    def __init__(self, store: Store, table: str, *parts: str, flush_rows: int = 256, flush_s: float = 2.0):
+    # 1024 rows a part: at 256, 10 M samples made ~39k call parts, and the file count, not the
+    # row count, set query time (benchmarks/store_scale.py); the journal keeps rows safe meanwhile.
+    def __init__(self, store: Store, table: str, *parts: str, flush_rows: int = 1024, flush_s: float = 2.0):
         self.store, self.table, self.parts = store, table, parts
         self.flush_rows, self.flush_s = flush_rows, flush_s
         self._rows: list[Any] = []
@@ -174,16 +207,15 @@ class ShardWriter:
             journal.close()
 
     def _journal_line(self, row: Any) -> None:
-        import dataclasses
-
         if self._journal is None:
             path = Path(self.store.path(self.table, *self.parts, f"journal-{uuid.uuid4().hex}.jsonl"))
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._journal = open(path, "a", encoding="utf-8")
+            self._journal = open(path, "ab", buffering=0)
             fcntl.flock(self._journal, fcntl.LOCK_EX)  # released by the kernel if this process dies
-        data = dataclasses.asdict(row) if dataclasses.is_dataclass(row) else row
-        self._journal.write(json.dumps(data, default=str) + "\n")
-        self._journal.flush()  # in the kernel now: survives kill -9 (not a power cut)
+        # One unbuffered write per row: in the kernel at once, so it survives kill -9 (not a
+        # power cut). orjson serialises the row dataclass directly (dataclasses.asdict + json
+        # cost ~10x more per call: benchmarks/orchestrator.py).
+        self._journal.write(orjson.dumps(row, default=str, option=orjson.OPT_APPEND_NEWLINE))
 
     def recover(self) -> int:
         """Write the rows of dead writers' journals in this partition as one shard (those not in

@@ -15,7 +15,11 @@ from toa.rows import MethodOutput, Sample
 async def draw(ctx: MethodContext, counts: dict[str, int]) -> MethodOutput:
     """counts[agent] samples from each agent, each agent's in one request, all scored."""
     messages = user(ctx.prompt.text)
-    per_agent = await asyncio.gather(*(ctx.generate(a, messages, k) for a, k in counts.items()))
+    if len(counts) == 1:  # no task to gather one request into (a task per call costs CPU at scale)
+        ((agent, k),) = counts.items()
+        per_agent = [await ctx.generate(agent, messages, k)]
+    else:
+        per_agent = await asyncio.gather(*(ctx.generate(a, messages, k) for a, k in counts.items()))
     generations = [g for gens in per_agent for g in gens]
     scores = await score_all(ctx, generations)
     return MethodOutput([Sample(g, s, action=g.agent, order=i) for i, (g, s) in enumerate(zip(generations, scores))])

@@ -89,7 +89,7 @@ def main() -> None:
         _, output, seconds, code = run_one(name, quick if args.quick else full)
         print(f"  {name}: {'failed' if code else 'done'} in {seconds:.0f} s: {summary(output, BENCHMARKS[name][2])}", flush=True)
         parts.append(section(name, output, seconds, code, cpu))
-    Path(args.out).write_text("\n".join(parts))
+        Path(args.out).write_text("\n".join(parts))  # after each one: a stop keeps what ran
     print(f"wrote {args.out}")
 
 

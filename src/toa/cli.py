@@ -89,7 +89,7 @@ def cmd_run(args) -> None:
     overrides = _parse_sets(args.set)
     cfg = load_config(args.config, overrides)  # validate before Prefect starts: a bad config fails fast
     check_inputs(cfg)
-    finished = _finished_run(args.config, overrides)
+    finished = _finished_run(cfg)
     if finished is not None:
         _print_result(finished)
         return
@@ -100,15 +100,16 @@ def cmd_run(args) -> None:
     _print_result(result)
 
 
-def _finished_run(config_file: str | None, overrides: dict) -> dict | None:
-    """The recorded result when every unit of this run is already done: a rerun then prints it
-    without starting a Prefect API, servers or the flow. None when there is work left."""
+def _finished_run(cfg) -> dict | None:
+    """The recorded result when every unit of this run (`cfg`, as loaded) is already done: a
+    rerun then prints it without starting a Prefect API, servers or the flow. None when there
+    is work left. (Server placement is operational: it does not change the run id.)"""
     from toa.batches import planned_batches
-    from toa.plan import plan_run, resolve
+    from toa.plan import plan_run, with_blocks
     from toa.storage import Store
     from toa.units import finished_result, result_marker, unit_states
 
-    plan = plan_run(resolve(config_file, overrides))
+    plan = plan_run(with_blocks(cfg))
     if not Store(plan.cfg.results_root, plan.cfg.storage_options).exists(*result_marker(plan.run_id)):
         return None  # not finished: no need to read the prompt source here
     finished = finished_result(plan, unit_states(plan, planned_batches(plan.cfg)))

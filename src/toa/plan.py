@@ -53,11 +53,16 @@ def resolve(config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
     """The run's config: file, environment and overrides, blocks resolved (before the
     fingerprint is taken), launched CPU servers placed on their cores."""
     cfg = load_config(config_file, {k: v for k, v in overrides.items() if v is not None})
-    if cfg.reward.block or cfg.results_block:  # Prefect blocks: imports Prefect, only when named
-        from toa.blocks.resolve import resolve_blocks
+    return place_servers(with_blocks(cfg))
 
-        cfg = resolve_blocks(cfg)
-    return place_servers(cfg)
+
+def with_blocks(cfg: RunConfig) -> RunConfig:
+    """`cfg` with the Prefect blocks it names resolved (imports Prefect only when it names one)."""
+    if not (cfg.reward.block or cfg.results_block):
+        return cfg
+    from toa.blocks.resolve import resolve_blocks
+
+    return resolve_blocks(cfg)
 
 
 def run_id(cfg: RunConfig, code: str | None = None) -> str:

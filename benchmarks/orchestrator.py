@@ -11,7 +11,8 @@ that answers at once, in its own process: its CPU is not counted) serves
   toa:   the `toa` flow, Random with n=1 over N synthetic prompts, one agent, batches of
          --batch-size, the free length reward, on a temporary Prefect API (throughput.py's
          memory-one does the same for memory). Everything the flow does counts: prompt loading,
-         tasks, the call record, rewards, samples, datasets, report.
+         tasks, the call record, rewards, samples, datasets, report. The Prefect API is the
+         temporary one `toa run` starts (toa.servers.prefect_api), a process of its own.
 CPU is user + sys of the measuring process from start to exit (imports included), read with
 getrusage; the temporary Prefect API server is a separate process, reported on its own line.
 The last line reads
@@ -82,10 +83,13 @@ def floor_child(url: str, calls: int, concurrency: int) -> None:
 
 # ---------------------------------------------------------------------------- toa
 def toa_child(url: str, calls: int, batch_size: int, concurrency: int, profile: str | None) -> None:
-    from prefect.testing.utilities import prefect_test_harness
-
     os.environ["TOA_BENCH_KEY"] = "stub-key"
-    with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["PREFECT_HOME"] = str(Path(tmp) / "prefect")  # read when Prefect is first imported
+        from toa.servers.prefect_api import temporary_api  # the API `toa run` starts: a process of its own
+
+        api = temporary_api(Path(tmp) / "logs")
+        api.__enter__()
         texts = [f"Question {i}: explain item {i} of the catalogue in one sentence." for i in range(calls)]
         prompts = throughput.write_prompts(texts, Path(tmp) / "prompts.jsonl")
         agents = throughput.agents_for(url, "stub", "TOA_BENCH_KEY", ["stub"], {"temperature": 0.7, "max_tokens": 8},
@@ -103,6 +107,7 @@ def toa_child(url: str, calls: int, batch_size: int, concurrency: int, profile: 
             profiler.dump_stats(profile)
         flow_cpu = cpu_seconds() - cpu_before
         samples = result["datasets"]["random"]["sft"]
+        api.__exit__(None, None, None)
     api_cpu = cpu_seconds(resource.RUSAGE_CHILDREN)  # the temporary API server, ended with the harness
     print(json.dumps({"cpu_s": cpu_seconds(), "flow_cpu_s": flow_cpu, "wall_s": wall, "api_cpu_s": api_cpu,
                       "sft_rows": samples}))

@@ -17,6 +17,7 @@ from toa import stopping
 from toa.batches import BatchRef
 from toa.flows.params import RunParameters
 from toa.db import create_views
+from toa.engine import started_ahead
 from toa.limits import require_shared_api
 from toa.plan import RunPlan, plan_run, resolve
 from toa.preflight import check_inputs
@@ -49,7 +50,8 @@ class Work:
 
 @task(name="find-work", cache_policy=NO_CACHE)
 def find_work(plan: RunPlan, batches: list[BatchRef]) -> Work:
-    states = unit_states(plan, batches)
+    # a unit the CLI began ahead of the flow (toa.head_start) is the flow's to adopt and count
+    states = [(m, b, None if started_ahead(plan.run_id, m, b.key) else done) for m, b, done in unit_states(plan, batches)]
     units = [(m, b) for m, b, _ in states]
     pending = [(m, b) for m, b, done in states if done is None]
     get_run_logger().info("%d of %d (method, batch) units to do", len(pending), len(units))

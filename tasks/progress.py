@@ -8,8 +8,14 @@ and events stay per batch, to keep API traffic small). A retried batch starts it
 The ETA extrapolates from the prompts worked in this run; batches skipped because an earlier
 run finished them complete at once and would make the rate look absurd, so they don't count.
 
-The pure parts (Tracker, eta_seconds, format_eta, describe) are plain Python, unit tested;
-RunProgress adds the Prefect calls and is driven by the flow as futures complete.
+Projected cost: with a price on some agent (AgentConfig.price), each finished batch reports
+what its new calls cost (BatchStats.cost, toa.units.calls_cost) and the projection is the cost
+so far plus its rate per worked prompt times the prompts left (`projected_cost`); it moves per
+finished batch, and is absent without a price.
+
+The pure parts (Tracker, eta_seconds, format_eta, projected_cost, format_cost, describe) are
+plain Python, unit tested; RunProgress adds the Prefect calls and is driven by the flow as
+futures complete.
 """
 
 from __future__ import annotations
@@ -47,6 +53,27 @@ def format_eta(seconds: float | None) -> str:
     return f"{s}s"
 
 
+def projected_cost(cost_so_far: float | None, costed_prompts: int, prompts_left: int) -> float | None:
+    """The run's money when it ends: what the batches finished so far cost, plus their cost per
+    prompt for every prompt not finished yet. None without a price or before a batch with one
+    finished (skipped batches cost nothing and don't set the rate, as for the ETA)."""
+    if cost_so_far is None or costed_prompts <= 0:
+        return None
+    return cost_so_far + cost_so_far / costed_prompts * max(0, prompts_left)
+
+
+CURRENCY_SIGNS = {"USD": "$", "EUR": "€", "GBP": "£"}
+
+
+def format_cost(amount: float | None, currency: str | None) -> str:
+    """'~$0.42', '~12.30 CHF'; '' without an amount (no price configured)."""
+    if amount is None:
+        return ""
+    digits = 2 if abs(amount) >= 0.1 or amount == 0 else 4
+    sign = CURRENCY_SIGNS.get(currency or "")
+    return f"~{sign}{amount:,.{digits}f}" if sign else f"~{amount:,.{digits}f} {currency or ''}".rstrip()
+
+
 @dataclass(frozen=True)
 class Snapshot:
     done: int  # prompts finished: whole batches plus prompts of running batches
@@ -55,6 +82,9 @@ class Snapshot:
     batches_total: int
     failed_batches: int
     eta_s: float | None
+    cost: float | None = None  # money of the finished batches' new calls; None: no price
+    projected_cost: float | None = None  # projected_cost(): the whole run's, when it ends
+    currency: str | None = None
 
     @property
     def percent(self) -> float:
@@ -65,6 +95,8 @@ def describe(run_id: str, snap: Snapshot) -> str:
     """The progress artifact's Markdown description."""
     text = (f"toa run `{run_id}`: **{snap.done} / {snap.total} prompts** ({snap.percent:.0f}%), "
             f"{snap.batches_done} of {snap.batches_total} batches, ETA {format_eta(snap.eta_s)}")
+    if snap.projected_cost is not None:
+        text += f", cost {format_cost(snap.projected_cost, snap.currency)} projected ({format_cost(snap.cost, snap.currency)} so far)"
     if snap.failed_batches:
         text += f", **{snap.failed_batches} failed** (their prompts are not counted as done)"
     return text
@@ -81,6 +113,9 @@ class Tracker:
         self.finished: dict[Unit, int] = {}  # prompts of finished batches
         self.skipped = 0  # prompts of batches an earlier run had finished
         self.failed: set[Unit] = set()
+        self.cost: float | None = None  # of the finished batches that reported one
+        self.costed_prompts = 0  # the prompts of those batches
+        self.currency: str | None = None
         self.lock = threading.Lock()
 
     def prompt_done(self, unit: Unit, done_in_attempt: int) -> bool:
@@ -91,7 +126,9 @@ class Tracker:
             self.partial[unit] = min(done_in_attempt, self.sizes[unit])
             return True
 
-    def finish(self, unit: Unit, prompts: int, skipped: bool = False, failed: bool = False) -> None:
+    def finish(self, unit: Unit, prompts: int, skipped: bool = False, failed: bool = False,
+               cost: float | None = None, currency: str | None = None) -> None:
+        """A batch ended; `cost`: what its new calls cost (None: no price, or skipped)."""
         with self.lock:
             self.partial.pop(unit, None)
             if failed:
@@ -99,6 +136,10 @@ class Tracker:
                 return
             self.finished[unit] = prompts
             self.skipped += prompts if skipped else 0
+            if cost is not None and not skipped:
+                self.cost = (self.cost or 0.0) + cost
+                self.costed_prompts += prompts
+                self.currency = currency
 
     def snapshot(self) -> Snapshot:
         with self.lock:
@@ -107,7 +148,9 @@ class Tracker:
             eta = eta_seconds(self.clock() - self.started, done, total, self.skipped)
             if self.failed and eta == 0.0:
                 eta = None
-            return Snapshot(done, total, len(self.finished) + len(self.failed), len(self.sizes), len(self.failed), eta)
+            projected = projected_cost(self.cost, self.costed_prompts, total - sum(self.finished.values()))
+            return Snapshot(done, total, len(self.finished) + len(self.failed), len(self.sizes), len(self.failed), eta,
+                            self.cost, projected, self.currency)
 
 
 # In-process listeners (e.g. the CLI bar) and the trackers of runs going on in this process.
@@ -163,7 +206,8 @@ class RunProgress:
         """Record a finished batch: `stats` (toa.units.BatchStats) when it completed, else the error."""
         unit = (method, batch)
         if stats is not None:
-            self.tracker.finish(unit, stats.prompts, skipped=stats.skipped)
+            self.tracker.finish(unit, stats.prompts, skipped=stats.skipped,
+                                cost=getattr(stats, "cost", None), currency=getattr(stats, "currency", None))
         else:
             self.tracker.finish(unit, 0, failed=True)
         snap = self.tracker.snapshot()
@@ -202,7 +246,8 @@ def _emit_batch_event(run_id: str, method: str, batch: str, stats: Any | None, e
 
     payload: dict[str, Any] = {"run": {"prompts_done": snap.done, "prompts_total": snap.total,
                                        "batches_done": snap.batches_done, "batches_total": snap.batches_total,
-                                       "eta_s": snap.eta_s}}
+                                       "eta_s": snap.eta_s, "cost": snap.cost, "projected_cost": snap.projected_cost,
+                                       "currency": snap.currency}}
     if stats is not None:
         payload["batch"] = asdict(stats)
     if error is not None:

@@ -58,4 +58,5 @@ def _write_batch(store: Store, source: str, prompts: list[Prompt]) -> BatchRef:
 
 def read_batch(store: Store, ref: BatchRef) -> list[Prompt]:
     df = store.read("prompts", f"source={ref.source}", f"{ref.key}.parquet")
-    return [Prompt(**{f.name: r[f.name] for f in fields(Prompt)}) for r in df.iter_rows(named=True)]
+    names = [f.name for f in fields(Prompt)]
+    return [Prompt(**{name: r[name] for name in names}) for r in df.iter_rows(named=True)]

@@ -15,7 +15,7 @@ from toa import templates
 
 from fakes import AGENTS, BASE, Q, FakeGenerate, FakeReward  # noqa: F401
 
-MINE = ["prs", "prs_feedback", "sequential_refine", "moa", "toa"]
+MINE = ["prs", "prs_feedback", "sequential_refine", "moa", "toa", "self_moa", "ab_mcts"]
 
 
 def run(name, n=6, agents=AGENTS, seed=0, gen=None, reward=None, **options) -> tuple[MethodOutput, FakeGenerate, FakeReward]:

@@ -14,7 +14,8 @@ from toa.storage import Store
 
 pytestmark = pytest.mark.integration
 
-METHODS = ["random", "parallel_ensemble", "prs", "prs_feedback", "sequential_refine", "moa", "toa"]
+METHODS = ["random", "parallel_ensemble", "prs", "prs_feedback", "sequential_refine", "moa", "toa", "self_moa",
+           "ab_mcts"]
 N_PROMPTS, N, M = 2, 2, 2
 
 
@@ -55,6 +56,11 @@ def test_provenance_of_refining_methods(run):
     assert moa.filter(pl.col("depth") == 1)["parent_id"].is_in(moa["sample_id"].implode()).all()
     chains = samples.filter((pl.col("method") == "sequential_refine") & pl.col("parent_id").is_not_null())
     assert chains.height == N_PROMPTS * N * (M - 1)
+    self_moa = samples.filter(pl.col("method") == "self_moa")
+    assert set(self_moa["agent"]) == {"smollm2"}  # samples and aggregations of one model: the first agent
+    aggregated = self_moa.filter(pl.col("depth") > 0)
+    assert aggregated.height == N_PROMPTS  # N*M = 4: three samples and one aggregation per prompt (§13.1)
+    assert aggregated["parent_id"].is_in(self_moa["sample_id"].implode()).all()
 
 
 def test_toa_trees_are_stored(run):
@@ -67,6 +73,15 @@ def test_toa_trees_are_stored(run):
     assert per_prompt.height == N_PROMPTS
     assert set(per_prompt["responses"]) == {N * M}  # one response node per play
     assert set(per_prompt["root_visits"]) == {N * M + 1}  # visits start at 1
+
+
+def test_ab_mcts_trees_are_stored(run):
+    result, root, samples = run
+    nodes = query(Store(root), "select * from tree_nodes where run_id = ? and method = 'ab_mcts'", [result["run_id"]])
+    mine = samples.filter(pl.col("method") == "ab_mcts")
+    assert nodes.filter(pl.col("kind") == "response").height == mine.height == N_PROMPTS * N * M
+    assert set(nodes.filter(pl.col("kind") == "response")["sample_id"]) == set(mine["sample_id"])  # one node per sample
+    assert set(mine["agent"]) <= {"smollm2", "gemma3"}
 
 
 def test_sql_and_tree_commands(run, capsys, tmp_path):

@@ -38,7 +38,7 @@ def test_html_is_self_contained(built):
 
 def test_markdown_has_config_and_tables(built):
     md = built["markdown"].read_text()
-    assert "![Best reward vs generations and tokens](curves.png)" in md
+    assert "![Best reward vs generations, tokens and server seconds (95 % bootstrap bands)](curves.png)" in md
     assert '"n": 2' in md and "## Methods" in md and "| method |" in md
     # the best-of-k table: one row per k, one column per method
     assert "| k | random | toa |" in md and "| 2 | 0.5833 | 0.6 |" in md
@@ -62,3 +62,47 @@ def test_publish_artifacts_attaches_markdown_and_table(built, monkeypatch):
     assert made["md"]["key"] == "toa-report-run-1" and "data:image/png;base64," in made["md"]["markdown"]
     assert made["table"]["key"] == "toa-best-of-k-run-1" and len(made["table"]["table"]) == 8
     assert set(made["table"]["table"][0]) == {"method", "k", "best_reward", "tokens", "prompts"}
+
+
+def test_markdown_has_the_pairwise_table_and_intervals(built):
+    md = built["markdown"].read_text()
+    assert "## Paired comparison at equal budget" in md and "ties counting half" in md
+    # p1 is the one prompt both answered: random's best 0.9 beats toa's 0.7 (zero-width intervals
+    # with a single prompt); each pair once
+    assert ("| method A | method B | k | prompts | A wins / ties / B wins | win rate of A [95 % CI] "
+            "| mean difference A - B [95 % CI] |") in md
+    assert "| random | toa | 4 | 1 | 1 / 0 / 0 | 1.000 [1.000, 1.000] | 0.200 [0.200, 0.200] |" in md
+    assert "| toa | random |" not in md
+    # each method at its budget: both curves with their intervals, and what k generations cost
+    assert "## Best of k at the budget, with intervals" in md
+    assert "| toa | 4 | 1 | 0.700 [0.700, 0.700] | 0.700 [0.700, 0.700] | 20 | 2 |" in md
+    assert "| random | 4 | 2 | 0.650 [0.400, 0.900] | 0.650 [0.400, 0.900] | 12.5 | 4 |" in md
+
+
+def test_html_has_the_pairwise_table(built):
+    page = built["html"].read_text()
+    assert "<h2>Paired comparison at equal budget</h2>" in page
+    assert "<td>1.000 [1.000, 1.000]</td><td>0.200 [0.200, 0.200]</td>" in page
+
+
+def test_curves_have_a_band_per_method_and_curve_in_each_panel(tmp_path, monkeypatch):
+    """The figure as drawn (Figure.savefig recorded, then run): three panels (k, completion tokens,
+    server seconds), each with one shaded band per method and curve."""
+    from matplotlib.collections import PolyCollection
+    from matplotlib.figure import Figure
+
+    store = Store(str(tmp_path / "results"))
+    write_run(store, "run1")
+    drawn, real_savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: (drawn.append(fig), real_savefig(fig, *a, **kw)))
+    path = report.plot_curves(report.load_tables(store, "run1"), tmp_path / "curves.png", "run1")
+    assert path.read_bytes().startswith(PNG_MAGIC)
+    panels = drawn[0].axes[:3]
+    assert [ax.get_xlabel().split(" ")[0] for ax in panels] == ["generations", "completion", "server"]
+    for ax in panels:
+        bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+        assert len(bands) == 4  # 2 methods x (expected, first k)
+    # random's expected curve against k: its band spans the interval 0.4 .. 0.9 at k = 3
+    spans = [(round(b.get_paths()[0].vertices[:, 1].min(), 6), round(b.get_paths()[0].vertices[:, 1].max(), 6))
+             for b in panels[0].collections if isinstance(b, PolyCollection)]
+    assert (0.4, 0.9) in spans

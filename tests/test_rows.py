@@ -35,7 +35,7 @@ KEYS = {"run_id": S, "method": S, "batch": S, "prompt_id": S}  # what the engine
 EXPECTED = {
     "calls": {"call_key": S, "prompt_id": S, "agent": S, "model": S, "request_json": S, "seed": I, "slot": I,
               "text": S, "finish_reason": S, "prompt_tokens": I, "completion_tokens": I, "latency_s": F,
-              "status": S, "error": S, "created_at": F, "logprob": F},
+              "status": S, "error": S, "created_at": F, "logprob": F, "server_s": F, "request_choices": I},
     "rewards": {"reward_key": S, "reward_id": S, "prompt_id": S, "response_sha": S, "value": F, "status": S,
                 "error": S, "latency_s": F, "created_at": F},
     "samples": {**KEYS, "sample_id": S, "order": I, "agent": S, "action": S, "parent_id": S, "depth": I, "text": S,
@@ -64,6 +64,8 @@ EXPECTED = {
                           "evolved": I, "selected": I, "created_at": F},
     "verdicts": {"run_id": S, "method": S, "prompt_id": S, "sample_id": S, "answer": S, "correct": B,
                  "verifier": S},
+    "prefix_cache": {"run_id": S, "method": S, "batch": S, "agents": S, "queries": F, "hits": F, "started_at": F,
+                     "seconds": F},
 }
 
 EXAMPLE = {S: "x", I: 2, F: 0.5, B: True}  # a value of each column dtype

@@ -126,3 +126,19 @@ def test_a_plain_local_root_is_the_one_fsspec_makes(tmp_path, monkeypatch, form)
     store = Store(url)
     assert store.local and store.root == fsspec.core.url_to_fs(url)[1].rstrip("/")
     assert isinstance(store.fs, LocalFileSystem)
+
+
+def test_a_root_written_before_a_table_gained_columns_gets_views_over_all_of_them(tmp_path):
+    """An older toa wrote calls' empty schema shard without server_s/request_choices; the views
+    that read those columns (sql/cost.sql) must still bind on that root."""
+    import polars as pl
+
+    from toa.db import create_views, query
+    from toa.rows import frame
+
+    store = Store(str(tmp_path))
+    store.init_tables()
+    store.write_frame(frame("calls", []).drop(["server_s", "request_choices"]), store.path("calls", "_schema.parquet"))
+    create_views(store)
+    assert {"server_s", "request_choices"} <= set(pl.read_parquet_schema(store.path("calls", "_schema.parquet")))
+    assert query(store, "select count(*) as n from method_cost")["n"][0] == 0

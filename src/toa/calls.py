@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
+from toa.aimd import START, AdaptiveLimiter, AimdController
 from toa.limits import LimitNames, request_slot
 from toa.rows import ERROR, OK, CallRecord, Generation, Message, content_key
 from toa.servers import Endpoint
@@ -89,6 +90,8 @@ class ClientPolicy:
     backoff_s: float = 0.5  # first retry waits ~0.5 s, then 1, 2, 4 ... (capped) with jitter
     backoff_cap_s: float = 20.0
     global_limits: LimitNames | None = None  # Prefect limits shared across processes (toa.limits)
+    adaptive: bool = False  # AIMD of the requests in flight, max_concurrency the ceiling (toa.aimd)
+    adaptive_start: int = START  # the adaptive limit's first value (at most max_concurrency)
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,8 @@ class _Choice:
     prompt_tokens: int
     completion_tokens: int
     logprob: float | None = None
+    server_s: float | None = None  # the request's server-side time, where the reply carries it
+    request_choices: int = 1  # choices of the request that returned this one
 
 
 # POST (url, JSON body) -> (HTTP status, response body). The default is HttpTransport; unit tests
@@ -120,15 +125,12 @@ class HttpTransport:
         self.session: aiohttp.ClientSession | None = None  # made on the loop that uses it
 
     async def __call__(self, url: str, body: bytes) -> tuple[int, bytes]:
-        if self.session is None:
-            self.session = aiohttp.ClientSession(
-                headers=self.headers, timeout=aiohttp.ClientTimeout(total=self.policy.timeout_s),
-                connector=aiohttp.TCPConnector(limit=self.policy.max_concurrency))
+        if self.session is None:  # no timer of its own: EndpointClient times each request (one timer, not two)
+            self.session = aiohttp.ClientSession(headers=self.headers, timeout=aiohttp.ClientTimeout(total=None),
+                                                 connector=aiohttp.TCPConnector(limit=self.policy.max_concurrency))
         try:
             async with self.session.post(url, data=body, proxy=self.proxy) as resp:
                 return resp.status, await resp.read()
-        except TimeoutError as exc:
-            raise APITimeoutError(f"Request timed out after {self.policy.timeout_s} s") from exc
         except aiohttp.ClientError as exc:
             raise APIConnectionError(f"Connection error: {type(exc).__name__}: {exc}") from exc
 
@@ -151,13 +153,21 @@ def _env_proxy(url: str) -> str | None:
 
 
 class EndpointClient:
-    """One endpoint: its transport, its in-flight limit and its sampling parameters."""
+    """One endpoint: its transport, its in-flight limit and its sampling parameters.
+
+    The limit is a fixed semaphore of `max_concurrency`, or, with `policy.adaptive`, an
+    AdaptiveLimiter (toa.aimd) that learns it: 429 and 503 answers and timeouts lower it (and
+    are retried as ever, waiting for the limiter again), successes raise it up to
+    `max_concurrency`."""
 
     def __init__(self, endpoint: Endpoint, params: dict, policy: ClientPolicy, transport: Transport | None = None):
         self.endpoint, self.params, self.policy = endpoint, params, policy
         self.transport = transport or HttpTransport(endpoint.base_url, endpoint.api_key.get_secret_value(), policy)
         self.url = endpoint.base_url.rstrip("/") + "/chat/completions"
-        self.limit = asyncio.Semaphore(policy.max_concurrency)
+        self.adaptive: AdaptiveLimiter | None = None
+        if policy.adaptive:
+            self.adaptive = AdaptiveLimiter(AimdController(policy.max_concurrency, policy.adaptive_start))
+        self.limit: asyncio.Semaphore | AdaptiveLimiter = self.adaptive or asyncio.Semaphore(policy.max_concurrency)
         self.requests = 0  # HTTP requests actually sent (for tests and reports)
         self.stalled: str | None = None  # the watchdog's message once the server stalled
         self._in_flight: set[asyncio.Timeout] = set()  # one per request, to end them on a stall
@@ -196,30 +206,40 @@ class EndpointClient:
 
     async def _request(self, messages: list[Message], n: int, seed: int, params: dict) -> list[_Choice]:
         body = self._body(messages, n, seed, params)
+        adaptive = self.adaptive
         for attempt in range(self.policy.retries + 1):
+            sent = -1  # the adaptive limit's epoch this attempt went out under (toa.aimd); -1: not sent
             try:
                 async with self.limit, request_slot(self.policy.global_limits):
                     if self.stalled:
                         raise ServerStalled(self.stalled)
                     self.requests += 1
-                    async with asyncio.timeout(None) as deadline:  # rescheduled by fail_in_flight
+                    if adaptive is not None:
+                        sent = adaptive.epoch
+                    # the request's one timer: its timeout, brought forward by fail_in_flight
+                    async with asyncio.timeout(self.policy.timeout_s) as deadline:
                         self._in_flight.add(deadline)
                         try:
                             status, reply = await self.transport(self.url, body)
                         finally:
                             self._in_flight.discard(deadline)
+                    if adaptive is not None:  # told while the slot is held: the limiter sees it in use
+                        adaptive.answered(status, sent)
                 if status >= 400:
                     raise status_error(status, reply)
                 return _choices(orjson.loads(reply), n)
             except TimeoutError:
                 if self.stalled:
                     raise ServerStalled(self.stalled) from None
-                raise
+                if adaptive is not None:
+                    adaptive.overloaded(sent)
+                if attempt == self.policy.retries:
+                    raise APITimeoutError(f"Request timed out after {self.policy.timeout_s} s") from None
             except TRANSIENT:
                 if attempt == self.policy.retries:
                     raise
-                delay = min(self.policy.backoff_cap_s, self.policy.backoff_s * 2**attempt)
-                await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(self.policy.backoff_cap_s, self.policy.backoff_s * 2**attempt)  # a transient failure
+            await asyncio.sleep(delay * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
 
@@ -232,13 +252,30 @@ def _choices(resp: dict, n: int) -> list[_Choice]:
     prompt = usage.get("prompt_tokens") or 0  # every choice saw the whole prompt
     texts = [(c.get("message") or {}).get("content") for c in choices]
     split = _split_tokens(total, [len(t or "") for t in texts])
+    server = _server_seconds(resp)
     out = []
     for c, text, share in zip(choices, texts, split):
         token_logprobs = (c.get("logprobs") or {}).get("content")
         tokens = len(token_logprobs) if token_logprobs is not None else share  # exact when given
         logprob = sum(t["logprob"] for t in token_logprobs) if token_logprobs is not None else None
-        out.append(_Choice(text, c.get("finish_reason"), prompt, tokens, logprob))
+        out.append(_Choice(text, c.get("finish_reason"), prompt, tokens, logprob, server, n))
     return out
+
+
+def _server_seconds(resp: dict) -> float | None:
+    """The server's time for this request (queue wait excluded), from the reply body where the
+    server reports it; None otherwise. vLLM's OpenAI server reports nothing by default; started
+    with `--enable-per-request-metrics` (vLLM 0.32) it adds a top-level `metrics` object to
+    replies of n = 1 requests: time_to_first_token_ms (scheduled -> first token) +
+    generation_time_ms (first -> last token). llama.cpp's server adds `timings`: prompt_ms +
+    predicted_ms. Headers are not read (the transport returns the body only)."""
+    m = resp.get("metrics")
+    if isinstance(m, dict) and m.get("time_to_first_token_ms") is not None and m.get("generation_time_ms") is not None:
+        return (m["time_to_first_token_ms"] + m["generation_time_ms"]) / 1000
+    t = resp.get("timings")
+    if isinstance(t, dict) and t.get("prompt_ms") is not None and t.get("predicted_ms") is not None:
+        return (t["prompt_ms"] + t["predicted_ms"]) / 1000
+    return None
 
 
 def _split_tokens(total: int, lengths: list[int]) -> list[int]:
@@ -328,6 +365,8 @@ class CallLayer:
                     completion_tokens=choice.completion_tokens if choice else 0,
                     latency_s=latency, status=OK if choice else ERROR, error=error, created_at=time.time(),
                     logprob=choice.logprob if choice else None,
+                    server_s=choice.server_s if choice else None,
+                    request_choices=choice.request_choices if choice else None,
                 )
                 self.sink(record)
                 (self.made if choice else self.failed)[agent] += 1

@@ -19,7 +19,6 @@ once); a problem in what they are given is one message and exit status 2 (`--deb
 from __future__ import annotations
 
 import argparse
-import contextvars
 import json
 import logging
 import os
@@ -82,34 +81,33 @@ def _prefect_env() -> None:
 
 
 def cmd_run(args) -> None:
-    from toa.config import load_config
+    from toa.plan import resolve
     from toa.preflight import check_inputs
 
     _prefect_env()
     overrides = _parse_sets(args.set)
-    cfg = load_config(args.config, overrides)  # validate before Prefect starts: a bad config fails fast
+    cfg = resolve(args.config, overrides)  # as the flow will: a bad config fails before Prefect starts
     check_inputs(cfg)
     finished = _finished_run(cfg)
     if finished is not None:
         _print_result(finished)
         return
-    from toa.flows.synthesize import toa
-
-    result = _run_flow(lambda: toa(config_file=args.config, overrides=overrides, return_state=True),
-                       cfg.results_root, args, show_bar=sys.stdout.isatty() and not args.no_progress)
+    result = _run_flow("toa.flows.synthesize",
+                       lambda flows: flows.toa(config_file=args.config, overrides=overrides, return_state=True),
+                       cfg.results_root, args, show_bar=sys.stdout.isatty() and not args.no_progress, ahead=cfg)
     _print_result(result)
 
 
 def _finished_run(cfg) -> dict | None:
-    """The recorded result when every unit of this run (`cfg`, as loaded) is already done: a
+    """The recorded result when every unit of this run (`cfg`, resolved) is already done: a
     rerun then prints it without starting a Prefect API, servers or the flow. None when there
-    is work left. (Server placement is operational: it does not change the run id.)"""
+    is work left."""
     from toa.batches import planned_batches
-    from toa.plan import plan_run, with_blocks
+    from toa.plan import plan_run
     from toa.storage import Store
     from toa.units import finished_result, result_marker, unit_states
 
-    plan = plan_run(with_blocks(cfg))
+    plan = plan_run(cfg)
     if not Store(plan.cfg.results_root, plan.cfg.storage_options).exists(*result_marker(plan.run_id)):
         return None  # not finished: no need to read the prompt source here
     finished = finished_result(plan, unit_states(plan, planned_batches(plan.cfg)))
@@ -140,7 +138,6 @@ def cmd_evolve(args) -> None:
 
     _prefect_env()
     from toa.evolve import EvolveConfig
-    from toa.flows.evolve import toa_evolve
 
     overrides, evolve = _parse_sets(args.set), _parse_sets(args.evolve)
     cfg = load_config(args.config, overrides)  # both validated before Prefect starts
@@ -149,8 +146,9 @@ def cmd_evolve(args) -> None:
     except ValueError as exc:
         raise UserError(f"invalid --evolve: {exc}") from None
     check_inputs(cfg)
-    result = _run_flow(lambda: toa_evolve(config_file=args.config, iterations=args.iterations, evolve=evolve,
-                                          overrides=overrides, return_state=True),
+    result = _run_flow("toa.flows.evolve",
+                       lambda flows: flows.toa_evolve(config_file=args.config, iterations=args.iterations, evolve=evolve,
+                                                      overrides=overrides, return_state=True),
                        cfg.results_root, args, show_bar=False)
     for i, run in enumerate(result["runs"]):
         print(f"iteration {i}: run {run['run_id']}")
@@ -158,19 +156,40 @@ def cmd_evolve(args) -> None:
           f"'{result['evolve_id']}'\"; evolved prompts in the evolutions view")
 
 
-def _run_flow(call: Callable[[], Any], results_root: str, args, show_bar: bool) -> Any:
-    """Run a flow call (returning its final state) on a temporary Prefect API when none is
-    configured, in a worker thread that a Ctrl-C or SIGTERM stops in order (toa.supervise);
-    returns the flow's result, raises its exception."""
-    from toa.servers.prefect_api import temporary_api
-    from toa.storage import Store
+def _run_flow(flow: str, call: Callable[[Any], Any], results_root: str, args, show_bar: bool, ahead=None) -> Any:
+    """Run `call(module)` of the flow module `flow` (returning the flow's final state) on a
+    temporary Prefect API when none is configured; returns the flow's result, raises its
+    exception. The module is imported while the API starts. All of it (the head start of the
+    run `ahead`, Prefect's start-up, the flow) runs in a worker thread that a Ctrl-C or SIGTERM
+    stops in order (toa.supervise), from the first model request on."""
+    from importlib import import_module
+
     from toa.supervise import run_stoppable
 
-    with temporary_api(Path(Store(results_root).local_dir("logs"))):
-        context = contextvars.copy_context()  # the worker thread sees the temporary API's settings
-        with _console(show_bar, debug=args.debug):
-            state = run_stoppable(lambda: context.run(call))
-    return state.result()  # raises the flow's exception, or CancelledRun
+    def job():
+        from toa import stopping
+        from toa.head_start import begin
+        from toa.servers.prefect_api import temporary_api
+        from toa.storage import Store
+
+        if ahead is not None:
+            begin(ahead)  # attached servers: the first requests leave now, not after Prefect's start-up
+        module = []
+        try:
+            with temporary_api(Path(Store(results_root).local_dir("logs")), lambda: module.append(import_module(flow))):
+                stopping.check("the flow")
+                with _console(show_bar, debug=args.debug):
+                    return call(module[0])
+        finally:
+            _end_head_start()
+
+    return run_stoppable(job).result()  # raises the flow's exception, or CancelledRun
+
+
+def _end_head_start() -> None:
+    engine = sys.modules.get("toa.engine")  # loaded by any head start
+    if engine is not None:
+        engine.end_head_start()
 
 
 @contextmanager
@@ -207,26 +226,29 @@ class _NoUserErrorTracebacks(logging.Filter):
 @contextmanager
 def _progress_bar(show: bool, console_handlers: list):
     """A bar of prompts done / total with an ETA on a terminal (not in CI logs: the flow's
-    per-batch log lines already say the same there). Prefect's log lines print through the
-    bar's console, above it, never on its line."""
+    per-batch log lines already say the same there), and the run's projected cost when an agent
+    has a price ("cost ~$0.42"; empty otherwise). Prefect's log lines print through the bar's
+    console, above it, never on its line."""
     if not show:
         yield
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from toa.tasks.progress import format_eta, listen
+    from toa.tasks.progress import format_cost, format_eta, listen
 
     columns = (TextColumn("prompts"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.percentage:>3.0f}%"),
-               TextColumn("batches {task.fields[batches]}"), TextColumn("ETA {task.fields[eta]}"))
+               TextColumn("batches {task.fields[batches]}"), TextColumn("ETA {task.fields[eta]}"),
+               TextColumn("{task.fields[cost]}"))
     with Progress(*columns, transient=False) as bar:
-        task = bar.add_task("prompts", total=None, batches="-", eta="unknown")
+        task = bar.add_task("prompts", total=None, batches="-", eta="unknown", cost="")
         consoles = [h.console for h in console_handlers]
         for h in console_handlers:
             h.console = bar.console
 
         def update(snap):
+            cost = format_cost(snap.projected_cost, snap.currency)
             bar.update(task, completed=snap.done, total=snap.total, eta=format_eta(snap.eta_s),
-                       batches=f"{snap.batches_done}/{snap.batches_total}")
+                       batches=f"{snap.batches_done}/{snap.batches_total}", cost=f"cost {cost}" if cost else "")
 
         try:
             with listen(update):

@@ -59,6 +59,31 @@ class GlobalLimit(BaseModel):
     timeout_s: float | None = Field(None, gt=0, description="Longest wait for a slot before the call fails (recorded as an error row); None waits as long as it takes.")
 
 
+class Price(BaseModel):
+    """What an endpoint's calls cost, per token, per GPU-hour of server time, or both (summed).
+    Read by sql/cost.sql (from the run's `runs` row) and by the progress bar's projection."""
+
+    model_config = ConfigDict(extra="forbid")
+    input_per_1m: float | None = Field(None, ge=0, description="Per 1M prompt tokens (the prompt of a request with n choices counts once).")
+    output_per_1m: float | None = Field(None, ge=0, description="Per 1M completion tokens.")
+    gpu_hour: float | None = Field(None, ge=0, description="Per GPU-hour of the endpoint's server time: a request's server_s where the server reports it, else its client latency (an upper bound: batched requests overlap).")
+    gpus: int = Field(1, gt=0, description="GPUs of the endpoint's server: an hour of its time costs gpu_hour x gpus.")
+    currency: str = Field("USD", min_length=1, description="Label of these prices; agents priced in different currencies get no summed money.")
+
+    @model_validator(mode="after")
+    def _some_price(self) -> Price:
+        if self.input_per_1m is None and self.output_per_1m is None and self.gpu_hour is None:
+            raise ValueError("a price needs input_per_1m, output_per_1m or gpu_hour")
+        return self
+
+    def call_cost(self, prompt_tokens: int, completion_tokens: int, seconds: float, request_choices: int | None) -> float:
+        """One recorded choice's cost; the n choices of one request share its prompt and its
+        seconds (sql/cost.sql computes the same)."""
+        share = 1 / (request_choices or 1)
+        return ((self.input_per_1m or 0) * prompt_tokens * share / 1e6 + (self.output_per_1m or 0) * completion_tokens / 1e6
+                + (self.gpu_hour or 0) * self.gpus * seconds * share / 3600)
+
+
 class AgentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     alias: str = Field(description="Name of this agent in samples, labels and datasets.", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -66,12 +91,14 @@ class AgentConfig(BaseModel):
     endpoint: AttachSpec | None = Field(None, description="Use an existing OpenAI-compatible endpoint.")
     block: str | None = Field(None, description="Name of a toa ModelEndpoint Prefect block to attach to.")
     sampling: SamplingParams = Field(default_factory=SamplingParams, description="Sampling parameters for this agent.")
-    max_concurrency: int = Field(64, gt=0, description="Requests in flight to this endpoint.", json_schema_extra=OPERATIONAL)
+    max_concurrency: int = Field(64, gt=0, description="Requests in flight to this endpoint; with adaptive_concurrency, the ceiling of the adaptive limit.", json_schema_extra=OPERATIONAL)
+    adaptive_concurrency: bool | None = Field(None, description="Learn the requests in flight by AIMD (toa.aimd): start at 8 (at most max_concurrency), +1 per window of successes, halve on a 429/503, a timeout or a vLLM queue (requests waiting) above 8; never above max_concurrency. None: on for servers toa did not launch (endpoint, block), off for launched ones.", json_schema_extra=OPERATIONAL)
     timeout_s: float = Field(300.0, gt=0, description="Per-request timeout.", json_schema_extra=OPERATIONAL)
     retries: int = Field(4, ge=0, description="Retries on transient failures (exponential backoff).", json_schema_extra=OPERATIONAL)
     stall_timeout_s: float | None = Field(60.0, gt=0, description="A server that reports running requests (vLLM /metrics) but generates no token for this long is stalled: its calls fail at once with an error row saying what it reported. None: no stall watch.", json_schema_extra=OPERATIONAL)
     min_tokens_per_s: float | None = Field(20.0, gt=0, description="With several requests running, a server generating fewer tokens per second than this gets one warning naming the likely causes (dtype, cores, memory). None: no speed warning.", json_schema_extra=OPERATIONAL)
     global_limit: GlobalLimit | None = Field(None, description="Limits on this endpoint that hold across processes and machines (Prefect global concurrency limits); max_concurrency still limits each process.", json_schema_extra=OPERATIONAL)
+    price: Price | None = Field(None, description="What this endpoint's calls cost (view method_cost, sql/cost.sql; the progress bar's projected cost). None: not counted (free).", json_schema_extra=OPERATIONAL)
 
     @model_validator(mode="after")
     def _one_source(self) -> AgentConfig:
@@ -109,6 +136,7 @@ class RunConfig(BaseSettings):
     prompt_concurrency: int = Field(64, gt=0, description="Prompts of one batch in flight at once.", json_schema_extra=OPERATIONAL)
     task_retries: int = Field(2, ge=0, description="Prefect retries of a failed (method, batch) task.", json_schema_extra=OPERATIONAL)
     task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig, description="Where the (method, batch) tasks run: Prefect threads in the flow process, or a Dask cluster (toa.runners).", json_schema_extra=OPERATIONAL)
+    head_start: bool = Field(True, description="`toa run` with every server attached: start the first (method, batch) unit while Prefect starts, for the flow to adopt (toa.head_start).", json_schema_extra=OPERATIONAL)
     _methods: dict[str, Method] = PrivateAttr(default_factory=dict)  # built by _check, once
 
     @model_validator(mode="after")

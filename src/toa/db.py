@@ -33,7 +33,7 @@ from toa.sql import load as load_sql
 from toa.sql import query_text
 from toa.storage import Store
 
-VIEW_FILES = ("tables", "summary", "analysis", "evolve", "accuracy")
+VIEW_FILES = ("tables", "summary", "analysis", "evolve", "accuracy", "compare", "cost")
 log = logging.getLogger(__name__)
 
 

@@ -15,6 +15,10 @@ Calls and rewards are flushed to shards while the batch runs (every ~2 s; on a l
 record is journaled at once, so a crash loses only the calls in flight); samples, tree nodes and a method's further tables (MethodOutput.tables, e.g.
 value_targets) are written whole at the end, and a `done` marker, written
 only when nothing failed, lets a rerun skip the batch entirely.
+
+Cost and compute (sql/cost.sql): a unit prices the calls it made (BatchStats.cost, at the
+agents' AgentConfig.price) and records how much each server's vLLM prefix cache was used while
+it ran (a `prefix_cache` row: its counters read from /metrics at the start and the end).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from toa.rows import (
     CallRecord,
     Generation,
     MethodOutput,
+    PrefixCacheRow,
     Prompt,
     RewardRecord,
     Sample,
@@ -55,9 +60,9 @@ from toa.rows import (
 )
 from toa.servers import Endpoint
 from toa.servers.machine import likely_causes
-from toa.servers.watch import StallDetector, Verdict, watch
+from toa.servers.watch import Load, StallDetector, Verdict, watch
 from toa.storage import ShardWriter, Store
-from toa.units import BatchStats, completed, done_marker
+from toa.units import BatchStats, Counters, cache_growth, calls_cost, completed, done_marker
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +105,16 @@ class Engine:
     async def _start_watchers(self, cfg: RunConfig) -> list[asyncio.Task]:
         tasks = []
         for agent in cfg.agents:
-            if agent.stall_timeout_s is None and agent.min_tokens_per_s is None:
-                continue
             client = self.clients[agent.alias]
+            if agent.stall_timeout_s is None and agent.min_tokens_per_s is None and client.adaptive is None:
+                continue
             ep = client.endpoint
             detector = StallDetector(ep.alias, agent.stall_timeout_s, agent.min_tokens_per_s)
             url = ep.base_url.removesuffix("/v1") + "/metrics"
             tasks.append(asyncio.create_task(watch(url, ep.model, detector, functools.partial(_on_verdict, client),
                                                    api_key=ep.api_key.get_secret_value(),
-                                                   poll_s=min(5.0, (agent.stall_timeout_s or 30) / 6))))
+                                                   poll_s=min(5.0, (agent.stall_timeout_s or 30) / 6),
+                                                   on_load=_queue_feed(client))))
         return tasks
 
     def _route_reward(self, record: RewardRecord) -> None:
@@ -167,6 +173,14 @@ def _on_verdict(client: EndpointClient, verdict: Verdict) -> None:
         log.warning("%s. Likely causes: %s", verdict.message, causes)
 
 
+def _queue_feed(client: EndpointClient) -> Callable[[Load], None] | None:
+    """The server's queue depth (vLLM requests waiting) to the client's adaptive limit (toa.aimd)."""
+    if client.adaptive is None:
+        return None
+    limiter = client.adaptive
+    return lambda load: limiter.queue_depth(load.waiting)
+
+
 PromptHook = Callable[[str, str, int], None]
 
 
@@ -185,7 +199,10 @@ async def make_client(agent: AgentConfig, endpoint: Endpoint) -> EndpointClient:
     """The request-layer client of one agent, with its local and cross-process limits (the
     Prefect limits are created first). Call on the loop that will use the client."""
     await ensure_limits([agent])
-    policy = ClientPolicy(agent.max_concurrency, agent.timeout_s, agent.retries, global_limits=names_for(agent.global_limit))
+    # adaptive by default where toa does not know the capacity: a server it did not launch
+    adaptive = agent.adaptive_concurrency if agent.adaptive_concurrency is not None else agent.launch is None
+    policy = ClientPolicy(agent.max_concurrency, agent.timeout_s, agent.retries, global_limits=names_for(agent.global_limit),
+                          adaptive=adaptive)
     return EndpointClient(endpoint, agent.sampling.request_fields(), policy)
 
 
@@ -200,8 +217,9 @@ def get_engine(cfg: RunConfig, endpoints: dict[str, Endpoint], owner: str = "") 
     key = repr(sorted((a, e.base_url, e.identity) for a, e in endpoints.items())) + cfg.model_dump_json()
     with _ENGINES_LOCK:
         mine = _ENGINES.setdefault(owner, {})
-        if key not in mine:
-            mine[key] = Engine(cfg, endpoints)
+        if key not in mine:  # a head start's engine, same config and endpoints, becomes the flow's
+            ahead = _ENGINES.get(HEAD_START, {}).pop(key, None) if owner != HEAD_START else None
+            mine[key] = ahead or Engine(cfg, endpoints)
         return mine[key]
 
 
@@ -227,6 +245,41 @@ def close_engines(owner: str | None = None) -> None:
         engine.close()
 
 
+# -- head start (toa/head_start.py) --------------------------------------------------------
+# Units begun before the flow started: the flow's task for such a unit adopts it (run_batch).
+HEAD_START = "head-start"  # owner of the head start's engine until a flow's get_engine takes it
+_AHEAD: dict[tuple[str, str, str], concurrent.futures.Future] = {}
+
+
+def start_ahead(plan: RunPlan, endpoints: dict[str, Endpoint], method: str, batch: str, prompts: list[Prompt]) -> None:
+    """Run one unit now in a daemon thread (a Ctrl-C before the flow starts must not wait for
+    it), on the HEAD_START engine; `run_batch` of the same unit later returns its result."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def work() -> None:
+        try:
+            future.set_result(run_batch(plan, endpoints, method, batch, prompts, HEAD_START))
+        except BaseException as exc:  # handed to the adopting task, which raises it
+            future.set_exception(exc)
+
+    _AHEAD[(plan.run_id, method, batch)] = future
+    threading.Thread(target=work, name="toa-head-start", daemon=True).start()
+
+
+def started_ahead(run_id: str, method: str, batch: str) -> bool:
+    """A head start holds this unit: it is still the flow's to run (and count), even if done."""
+    return (run_id, method, batch) in _AHEAD
+
+
+def end_head_start(timeout_s: float = 10.0) -> None:
+    """After the flow: a head start it never adopted (it failed before sampling, or was
+    stopped) is cancelled, its finished calls stay recorded, and its engine is closed."""
+    cancel_all_work(HEAD_START)
+    concurrent.futures.wait(list(_AHEAD.values()), timeout=timeout_s)
+    _AHEAD.clear()
+    close_engines(HEAD_START)
+
+
 def calls_cache(store: Store, batch: str) -> dict[str, CallRecord]:
     """The recorded successful calls of a batch partition, by call key: what a rerun replays."""
     df = store.read("calls", f"batch={batch}").filter(pl.col("status") == OK)
@@ -243,6 +296,10 @@ def run_batch(plan: RunPlan, endpoints: dict[str, Endpoint], method: str, batch:
     """One (method, batch) unit; `on_prompt(method, batch, prompts done)` follows its progress
     (called on the engine loop, with 0 when the attempt starts; cheap, must not raise)."""
     cfg, run_id = plan.cfg, plan.run_id
+    ahead = _AHEAD.pop((run_id, method, batch), None) if owner != HEAD_START else None
+    if ahead is not None:  # this unit's head start (toa.head_start): its stats, or its error
+        log.info("%s batch %s: began before the flow (head start); waiting for it", method, batch)
+        return ahead.result()
     store = Store(cfg.results_root, cfg.storage_options)
     stopping.check(f"{method} batch {batch}")
     done = completed(store, run_id, method, batch)  # e.g. finished by another worker since it was planned
@@ -250,11 +307,13 @@ def run_batch(plan: RunPlan, endpoints: dict[str, Endpoint], method: str, batch:
         return done
     engine = get_engine(cfg, endpoints, owner)
     start = time.perf_counter()
+    caches_before, started_at = _read_prefix_caches(engine), time.time()
     call_sink = ShardWriter(store, "calls", f"batch={batch}")
     reward_sink = ShardWriter(store, "rewards", f"batch={batch}")
     engine.run(_on_loop(engine.open_batch, prompts, _rewards_cache(store, batch), reward_sink))
+    replay = calls_cache(store, batch)
     try:
-        outputs, layer = engine.run_work(_run_prompts(plan, engine, method, prompts, calls_cache(store, batch), call_sink,
+        outputs, layer = engine.run_work(_run_prompts(plan, engine, method, prompts, replay, call_sink,
                                                       _progress(on_prompt, method, batch)))
     except concurrent.futures.CancelledError:
         raise stopping.Stopped(f"{method} batch {batch}: stopped ({stopping.reason()}); "
@@ -267,9 +326,81 @@ def run_batch(plan: RunPlan, endpoints: dict[str, Endpoint], method: str, batch:
     stats.calls_made, stats.calls_failed = sum(layer.made.values()), sum(layer.failed.values())
     stats.seconds = time.perf_counter() - start
     stats.worker = f"{socket.gethostname()}:{os.getpid()}"
+    stats.cost, stats.currency = calls_cost([r for k, r in layer.cache.items() if k not in replay],
+                                            {a.alias: a.price for a in cfg.agents if a.price is not None})
+    _record_prefix_caches(store, (run_id, method, batch), caches_before, _read_prefix_caches(engine), started_at, stats.seconds)
     if not stats.failed:
         store.write_json(asdict(stats), *done_marker(run_id, method, batch))
     return stats
+
+
+# -- prefix-cache use per unit (view prefix_cache, sql/cost.sql) ------------------------------
+PREFIX_CACHE_READ_S = 2.0  # a reading of /metrics that takes longer is left out (null), not waited for
+
+
+def _read_prefix_caches(engine: Engine) -> dict[str, tuple[str, Counters | None]]:
+    """Each server's prefix-cache counters now, by metrics URL: (its agents, the counters or
+    None). One reading per server, however many agents it serves. Never raises: a unit's work
+    does not depend on it."""
+    servers: dict[str, list[Endpoint]] = {}
+    for client in engine.clients.values():
+        servers.setdefault(client.endpoint.base_url.removesuffix("/v1") + "/metrics", []).append(client.endpoint)
+
+    async def read_all():
+        got = await asyncio.gather(*(_prefix_cache_counters(url, eps[0].api_key.get_secret_value()) for url, eps in servers.items()))
+        return {url: (",".join(ep.alias for ep in eps), counters) for (url, eps), counters in zip(servers.items(), got)}
+    try:
+        return engine.run(read_all())
+    except Exception as exc:  # e.g. the engine is closing
+        log.info("prefix-cache counters not read: %s", exc)
+        return {}
+
+
+async def _prefix_cache_counters(url: str, api_key: str) -> Counters | None:
+    """vLLM's prefix-cache counters (prompt tokens looked up, found) at `url`, summed over its
+    engines; None when the page is missing, slow, or has no such counter (a hosted API)."""
+    import httpx
+
+    from toa.servers.watch import parse_metrics
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    try:
+        async with httpx.AsyncClient(timeout=PREFIX_CACHE_READ_S, trust_env=False, headers=headers,
+                                     verify=_tls_context()) as client:
+            resp = await client.get(url)
+    except httpx.HTTPError:
+        return None
+    if resp.status_code != 200 or "vllm:prefix_cache_queries" not in resp.text:
+        return None
+    load = parse_metrics(resp.text)
+    return (load.cache_queries, load.cache_hits) if load is not None else None
+
+
+@functools.cache
+def _tls_context():
+    """httpx's default TLS context, built once: building it is most of a reading's cost (22 ms
+    of CPU on this project's 2-core Xeon, against 0.04 ms for a client given one)."""
+    import httpx
+
+    return httpx.create_ssl_context()
+
+
+def _record_prefix_caches(store: Store, unit: tuple[str, str, str], before: dict, after: dict,
+                          started_at: float, seconds: float) -> None:
+    """One `prefix_cache` row per server for this unit attempt: what its counters grew by
+    (null where a reading is missing). Nothing when no server publishes the counters."""
+    if not any(c is not None for _, c in (*before.values(), *after.values())):
+        return
+    run_id, method, batch = unit
+    rows = []
+    for url, (agents, first) in before.items():
+        queries, hits = cache_growth(first, after.get(url, (agents, None))[1])
+        rows.append(PrefixCacheRow(run_id=run_id, method=method, batch=batch, agents=agents, queries=queries,
+                                   hits=hits, started_at=started_at, seconds=seconds))
+    try:  # one shard per attempt: a retry's reading adds to the first one's
+        store.write_rows("prefix_cache", rows, f"run={run_id}", f"method={method}", f"{batch}-{int(started_at * 1000)}.parquet")
+    except OSError as exc:
+        log.warning("prefix-cache use of %s batch %s not recorded: %s", method, batch, exc)
 
 
 async def _on_loop(fn, *args):

@@ -1,10 +1,16 @@
 """The report of one run: plots, a Markdown and a self-contained HTML page, Prefect artifacts.
 
-Everything comes from the SQL views (sql/analysis.sql, sql/summary.sql) through the queries in
-sql/queries/report_*.sql, so the report shows exactly what a user querying the database sees:
-- curves.png: best reward against generations per prompt (k) and against tokens per prompt,
+Everything comes from the SQL views (sql/analysis.sql, sql/summary.sql, sql/compare.sql) through
+the queries in sql/queries/report_*.sql, so the report shows exactly what a user querying the
+database sees:
+- curves.png: best reward against generations per prompt (k), against completion tokens and
+  against server seconds per prompt (what the first k generations cost, in generation order),
   one line per method; solid = expected best of k random samples (`best_of_k`), dashed = best
-  of the first k in generation order (`best_of_k_prefix`, the reference's curve);
+  of the first k in generation order (`best_of_k_prefix`, the reference's curve); each with a
+  shaded 95 % bootstrap interval over prompts (view `best_of_k_ci`);
+- a pairwise table: every two methods at equal budget, the share of prompts where A's best beats
+  B's (ties count half) and the mean difference of their best rewards, with 95 % bootstrap
+  intervals (view `method_comparison`);
 - agent_share.png: per method, the share of prompts whose best response each agent wrote;
 - report.md (images next to it), report.html (images embedded, one file to mail or archive),
   best_of_k.csv (the curve table, also the Prefect table artifact).
@@ -46,10 +52,14 @@ class RunTables:
     trees: pl.DataFrame
     dpo: pl.DataFrame
     accuracy: pl.DataFrame | None = None  # verifiable sources only (verdicts exist)
+    compare_curves: pl.DataFrame | None = None  # best_of_k_ci: both curves with their intervals
+    compare_pairs: pl.DataFrame | None = None  # method_comparison, each pair once
+    cost: pl.DataFrame | None = None  # method_cost: tokens, server seconds, money, prefix-cache hit rate
 
 
 # The report's tables, one query file each (sql/queries/report_<name>.sql); each binds the run id.
-TABLES = ("summary", "best_of_k", "prefix", "tokens", "agent_share", "calls", "trees", "dpo", "accuracy")
+TABLES = ("summary", "best_of_k", "prefix", "tokens", "agent_share", "calls", "trees", "dpo", "accuracy",
+          "compare_curves", "compare_pairs", "cost")
 
 
 def load_tables(store: Store, run_id: str) -> RunTables:
@@ -72,34 +82,44 @@ def _colors(methods: list[str]) -> dict[str, Any]:
     return {m: palette(i % 10) for i, m in enumerate(methods)}
 
 
+# The curves' x axes: (column of compare_curves, axis label, panel title).
+CURVE_AXES = (("k", "generations per prompt (k)", "Best reward vs generations"),
+              ("completion_tokens", "completion tokens per prompt (first k generations)", "Best reward vs tokens"),
+              ("server_s", "server seconds per prompt (first k generations)", "Best reward vs server seconds"))
+# The two curves: (style key, reward column of compare_curves, its interval's columns).
+CURVE_KINDS = (("expected", "best_reward", "best_reward_lo", "best_reward_hi"),
+               ("prefix", "prefix_reward", "prefix_reward_lo", "prefix_reward_hi"))
+
+
 def plot_curves(t: RunTables, path: Path, run_id: str) -> Path:
-    """Two panels, one figure: best reward vs k, and vs tokens per prompt."""
+    """Three panels, one figure: best reward vs k, vs completion tokens and vs server seconds per
+    prompt, each curve with its 95 % bootstrap band (the interval at each k, shaded between)."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     methods = t.summary["method"].to_list()
     colors = _colors(methods)
-    fig = Figure(figsize=(12, 4.8), layout="constrained")
-    by_k, by_tokens = fig.subplots(1, 2)
-    for kind, df in (("expected", t.best_of_k), ("prefix", t.prefix)):
-        for method in methods:
-            mine = df.filter(pl.col("method") == method)
-            style = dict(color=colors[method], linestyle=CURVE_STYLES[kind], marker="o", markersize=3)
-            by_k.plot(mine["k"], mine["best_reward"], **style)
-            by_tokens.plot(mine["tokens"], mine["best_reward"], **style)
-    by_k.set(xlabel="generations per prompt (k)", ylabel="best reward (mean over prompts)",
-             title="Best reward vs generations")
-    by_tokens.set(xlabel="prompt + completion tokens per prompt", ylabel="best reward (mean over prompts)",
-                  title="Best reward vs tokens")
-    by_k.xaxis.get_major_locator().set_params(integer=True)
-    for ax in (by_k, by_tokens):
+    curves = t.compare_curves if t.compare_curves is not None and not t.compare_curves.is_empty() else None
+    fig = Figure(figsize=(16, 4.8), layout="constrained")
+    panels = fig.subplots(1, len(CURVE_AXES))
+    for ax, (x, xlabel, title) in zip(panels, CURVE_AXES):
+        for kind, y, lo, hi in CURVE_KINDS if curves is not None else ():
+            for method in methods:
+                mine = curves.filter(pl.col("method") == method).drop_nulls([x, y])
+                ax.plot(mine[x], mine[y], color=colors[method], linestyle=CURVE_STYLES[kind], marker="o", markersize=3)
+                band = mine.drop_nulls([lo, hi])  # a k whose every resample was empty has no interval
+                ax.fill_between(band[x], band[lo], band[hi], color=colors[method], alpha=0.15, linewidth=0)
+        ax.set(xlabel=xlabel, ylabel="best reward (mean over prompts)", title=title)
         ax.grid(alpha=0.3)
-    # Methods by colour under the figure; the two curve kinds by line style inside the left panel.
+    panels[0].xaxis.get_major_locator().set_params(integer=True)
+    # Methods by colour under the figure; the two curve kinds and the bands inside the left panel.
     fig.legend(handles=[Line2D([], [], color=colors[m], label=m) for m in methods], title="method",
                loc="outside lower center", ncols=min(len(methods), 6), frameon=False)
-    by_k.legend(handles=[Line2D([], [], color="0.3", linestyle=CURVE_STYLES["expected"], label="expected best of k random samples"),
-                         Line2D([], [], color="0.3", linestyle=CURVE_STYLES["prefix"], label="best of first k in generation order")],
-                loc="lower right", fontsize=8)
+    panels[0].legend(handles=[
+        Line2D([], [], color="0.3", linestyle=CURVE_STYLES["expected"], label="expected best of k random samples"),
+        Line2D([], [], color="0.3", linestyle=CURVE_STYLES["prefix"], label="best of first k in generation order"),
+        Patch(color="0.3", alpha=0.15, label="95 % bootstrap interval over prompts")], loc="lower right", fontsize=8)
     fig.suptitle(f"toa run {run_id}")
     fig.savefig(path, dpi=110)
     return path
@@ -148,6 +168,49 @@ def curve_table(df: pl.DataFrame) -> pl.DataFrame:
     return df.pivot(on="method", index="k", values="best_reward").sort("k")
 
 
+def _interval(value: Any, lo: Any, hi: Any) -> str:
+    """A value with its interval, "0.62 [0.58, 0.66]"; the value alone when there is no interval."""
+    if value is None:
+        return ""
+    if lo is None or hi is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def pairs_table(df: pl.DataFrame | None) -> pl.DataFrame:
+    """The paired comparison as the report shows it: one row per pair, each estimate with its
+    95 % interval in brackets."""
+    if df is None or df.is_empty():
+        return pl.DataFrame()
+    return pl.DataFrame([{
+        "method A": r["method_a"], "method B": r["method_b"], "k": r["k"], "prompts": r["prompts"],
+        "A wins / ties / B wins": f"{r['wins']} / {r['ties']} / {r['losses']}",
+        "win rate of A [95 % CI]": _interval(r["win_rate"], r["win_rate_lo"], r["win_rate_hi"]),
+        "mean difference A - B [95 % CI]": _interval(r["mean_diff"], r["mean_diff_lo"], r["mean_diff_hi"]),
+    } for r in df.iter_rows(named=True)])
+
+
+def budget_table(df: pl.DataFrame | None) -> pl.DataFrame:
+    """Each method's curves at its largest k (its budget), with their 95 % intervals and cost."""
+    if df is None or df.is_empty():
+        return pl.DataFrame()
+    last = df.sort("k").group_by("method", maintain_order=True).last().sort("method")
+    return pl.DataFrame([{
+        "method": r["method"], "k": r["k"], "prompts": r["prompts"],
+        "expected best of k [95 % CI]": _interval(r["best_reward"], r["best_reward_lo"], r["best_reward_hi"]),
+        "best of first k [95 % CI]": _interval(r["prefix_reward"], r["prefix_reward_lo"], r["prefix_reward_hi"]),
+        "completion tokens": r["completion_tokens"], "server seconds": r["server_s"],
+    } for r in last.iter_rows(named=True)])
+
+
+def cost_table(df: pl.DataFrame | None) -> pl.DataFrame:
+    """method_cost as the report shows it: money to 6 significant digits (a fraction of a cent
+    stays visible; the tables' 4 decimals would round it to 0)."""
+    if df is None or df.is_empty():
+        return pl.DataFrame()
+    return df.with_columns(pl.col("money").map_elements(lambda v: f"{v:.6g}", return_dtype=pl.Utf8))
+
+
 def markdown_table(df: pl.DataFrame) -> str:
     if df.width == 0 or df.is_empty():
         return "_(none)_\n"
@@ -171,9 +234,25 @@ def sections(t: RunTables) -> list[tuple[str, str, pl.DataFrame]]:
          "drawn at random from the prompt's scored samples (view best_of_k).", curve_table(t.best_of_k)),
         ("Best of k (first k in generation order)", "Mean over prompts of the best reward among the first k "
          "generations (view best_of_k_prefix).", curve_table(t.prefix)),
+        ("Best of k at the budget, with intervals",
+         ("Each method at its largest k: both curves with their 95 % bootstrap intervals over prompts (view "
+          "best_of_k_ci), and the mean completion tokens and server seconds (the calls' latency_s, a request's "
+          "shared by its generations) of the first k generations."),
+         budget_table(t.compare_curves)),
+        ("Paired comparison at equal budget",
+         ("Every two methods on the prompts both answered, at k = the smaller budget: win rate = share of prompts "
+          "where A's best reward beats B's, ties counting half; mean difference = mean of A's best minus B's best; "
+          "95 % bootstrap intervals over prompts in brackets (view method_comparison; B vs A mirrors A vs B)."),
+         pairs_table(t.compare_pairs)),
         ("Reward vs tokens", "Mean best reward and tokens spent per prompt (reward_vs_tokens_summary).", t.tokens),
         ("Agent share of best responses", "agent_best_share.", t.agent_share),
         ("Calls", "Per method and agent (call_stats); latency in seconds.", t.calls),
+        ("Cost and compute", "Per method (method_cost, sql/cost.sql): prompt tokens (a request's prompt once for its "
+         "n choices) and completion tokens; server_seconds as the servers reported them (timed_generations of the "
+         "generations; empty if none did); request_seconds = server seconds, else client latency; money at the "
+         "agents' prices (empty without a price); prefix_cache_hit_rate from the servers' vLLM counters over the "
+         "method's batches (shared by whatever else ran on the server meanwhile; empty without /metrics).",
+         cost_table(t.cost)),
         ("Trees and refinement", "Depth, width and how often a refinement beat its parent (tree_stats).", t.trees),
         ("DPO pair margins", "chosen - rejected reward (dpo_margin_summary).", t.dpo),
     ] + ([("Accuracy at budget", "Verifiable prompts: share of prompts answered correctly with k generations, "
@@ -227,7 +306,7 @@ def build_report(store: Store, run_id: str, out_dir: str | Path) -> dict[str, Pa
     out.mkdir(parents=True, exist_ok=True)
     paths = {"curves": plot_curves(t, out / "curves.png", run_id),
              "agent_share": plot_agent_share(t, out / "agent_share.png", run_id)}
-    captions = {"Best reward vs generations and tokens": paths["curves"],
+    captions = {"Best reward vs generations, tokens and server seconds (95 % bootstrap bands)": paths["curves"],
                 "Agent share of best responses": paths["agent_share"]}
     t.best_of_k.write_csv(out / "best_of_k.csv")
     paths["best_of_k"] = out / "best_of_k.csv"

@@ -4,7 +4,9 @@ Every stored table has one typed row class below, and `TABLES` maps the table na
 table's Parquet schema (`SCHEMAS`) is derived from that class's fields, so each column is
 declared once, as an annotated field. The SQL views in sql/ read those column names, so a rename
 here is a rename everywhere. `frame` turns rows into a DataFrame of the table's exact schema and
-raises `RowError` on a row with an unknown or missing column instead of storing a null.
+raises `RowError` on a row with an unknown or missing column instead of storing a null (a dict
+row may leave out a column its row class gives a default, as a call to the class may: the
+columns added after a table's first rows, e.g. CallRecord.logprob).
 
 Methods return `Sample`s (stored as `SampleRow`s) and their parts of further tables (`TreeNode`,
 `ValueTarget`, `DialogueRecord`) without the run, method, batch and prompt they belong to: the
@@ -141,6 +143,13 @@ class CallRecord:
     error: str | None
     created_at: float
     logprob: float | None = None  # sum of token logprobs; null for records made before it was kept
+    # The server's own time for the HTTP request that returned this choice, in seconds, where the
+    # server reports it (toa.calls._server_seconds: vLLM's `metrics` with --enable-per-request-metrics,
+    # llama.cpp's `timings`); null otherwise and for records made before it was kept.
+    server_s: float | None = None
+    # How many choices that request returned (its n): they share its prompt and its server time,
+    # so a record's share is 1 / request_choices (sql/cost.sql). Null before it was kept.
+    request_choices: int | None = None
 
 
 @dataclass(frozen=True)
@@ -370,6 +379,22 @@ class EvolveIterationRow:
 
 
 @dataclass(frozen=True)
+class PrefixCacheRow:
+    """One (method, batch) unit attempt's use of one server's prefix cache: the growth of vLLM's
+    `vllm:prefix_cache_queries_total` / `_hits_total` (prompt tokens looked up / found) between
+    the attempt's start and end (toa.engine). Null where the server published no such counter."""
+
+    run_id: str
+    method: str
+    batch: str
+    agents: str  # the aliases served by that server, comma-separated
+    queries: float | None
+    hits: float | None
+    started_at: float
+    seconds: float
+
+
+@dataclass(frozen=True)
 class VerdictRow:
     """Correctness of one generation of a verifiable prompt source (toa.verdicts)."""
 
@@ -397,6 +422,7 @@ TABLES: dict[str, type] = {
     "evolutions": EvolutionRow,
     "evolve_iterations": EvolveIterationRow,
     "verdicts": VerdictRow,
+    "prefix_cache": PrefixCacheRow,
 }
 
 DTYPES: dict[type, pl.DataType] = {str: pl.Utf8, int: pl.Int64, float: pl.Float64, bool: pl.Boolean}
@@ -434,11 +460,15 @@ def _schema(table: str) -> dict[str, pl.DataType]:
 # Each row's values in its table's column order, taken by one C call per row (frame's hot loop).
 _ATTRS = {table: operator.attrgetter(*schema) for table, schema in SCHEMAS.items()}
 _ITEMS = {table: operator.itemgetter(*schema) for table, schema in SCHEMAS.items()}
+# The columns a dict row may leave out: those added with a default (read back as the default).
+_DEFAULTS = {table: {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+             for table, cls in TABLES.items()}
 
 
 def _values(table: str, row: Any) -> tuple:
     """One row's column values in the table's order. A typed row must be the table's class; a
-    dict (accepted while writers move to typed rows) must have exactly the table's columns."""
+    dict (accepted while writers move to typed rows) must have the table's columns, less any
+    its row class gives a default."""
     if isinstance(row, TABLES[table]):
         return _ATTRS[table](row)
     if not isinstance(row, dict):
@@ -446,16 +476,18 @@ def _values(table: str, row: Any) -> tuple:
     schema = SCHEMAS[table]
     if row.keys() != schema.keys():
         unknown = [k for k in row if k not in schema]
-        missing = [c for c in schema if c not in row]
-        problems = ([f"unknown column(s) {', '.join(map(repr, unknown))}"] if unknown else []) + \
-                   ([f"missing column(s) {', '.join(map(repr, missing))}"] if missing else [])
-        raise RowError(f"table {table!r}: {'; '.join(problems)}")
+        missing = [c for c in schema if c not in row and c not in _DEFAULTS[table]]
+        if unknown or missing:
+            problems = ([f"unknown column(s) {', '.join(map(repr, unknown))}"] if unknown else []) + \
+                       ([f"missing column(s) {', '.join(map(repr, missing))}"] if missing else [])
+            raise RowError(f"table {table!r}: {'; '.join(problems)}")
+        row = {**_DEFAULTS[table], **row}
     return _ITEMS[table](row)
 
 
 def frame(table: str, rows: list[Any]) -> pl.DataFrame:
-    """Rows (the table's row class, or dicts with exactly its columns) as a DataFrame with the
-    table's exact schema; raises RowError on an unknown or missing column."""
+    """Rows (the table's row class, or dicts with its columns, defaulted ones optional) as a
+    DataFrame with the table's exact schema; raises RowError on an unknown or missing column."""
     schema = _schema(table)
     if not rows:
         return pl.DataFrame(schema=schema)
@@ -520,6 +552,7 @@ __all__ = [
     "Generation",
     "Message",
     "MethodOutput",
+    "PrefixCacheRow",
     "Prompt",
     "PromptRow",
     "RewardRecord",

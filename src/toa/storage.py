@@ -93,12 +93,19 @@ class Store:
         without write permission, before any model call is made."""
         for table in SCHEMAS:
             target = self.path(table, SCHEMA_SHARD)
-            if not self.fs.exists(target):
-                try:
+            if not self.fs.exists(target) or self._schema_of(target) != frame(table, []).schema:
+                try:  # missing, or written by a toa whose table had fewer columns: views need them all
                     self.write_frame(frame(table, []), target)
                 except OSError as exc:  # say which setting to fix, not only which file failed
                     raise ResultsRootNotWritable(f"cannot write to results_root {self.url!r}: "
                                           f"{type(exc).__name__}: {exc}") from exc
+
+    def _schema_of(self, target: str) -> pl.Schema | None:
+        try:
+            with self.fs.open(target, "rb") as f:
+                return pl.read_parquet_schema(f)
+        except Exception:  # noqa: BLE001 -- unreadable: rewrite it
+            return None
 
     # -- writing ---------------------------------------------------------------------------
     def write_frame(self, df: pl.DataFrame, target: str) -> str:

@@ -7,10 +7,13 @@ Prefect API exists.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from toa.config import Price
 from toa.plan import RunPlan
+from toa.rows import OK, CallRecord
 from toa.storage import Store
 
 
@@ -32,6 +35,8 @@ class BatchStats:
     skipped: bool = False  # the batch was already done
     seconds: float = 0.0
     worker: str = ""  # host:pid of the process that ran it (threads: the flow's; Dask: a worker's)
+    cost: float | None = None  # money of the calls made in this attempt (calls_cost); None: no price
+    currency: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -79,3 +84,36 @@ def finished_result(plan: RunPlan, units: list[tuple[str, Any, Any]]) -> dict[st
     for row in recorded["summary"]:
         row["new_calls"], row["replayed"] = 0, row.get("new_calls", 0) + row.get("replayed", 0)
     return recorded
+
+
+# -- cost and compute (sql/cost.sql holds the same rules for the recorded runs) ---------------
+def calls_cost(records: Iterable[CallRecord], prices: Mapping[str, Price]) -> tuple[float | None, str | None]:
+    """(money, currency) of these calls at their agents' prices: each successful call at
+    Price.call_cost with its server_s, or its client latency where the server reported none;
+    agents without a price count as free. (None, None) when no agent has a price, or when the
+    prices are in different currencies (no sum to give)."""
+    currencies = {p.currency for p in prices.values()}
+    if len(currencies) != 1:
+        return None, None
+    total = 0.0
+    for r in records:
+        price = prices.get(r.agent)
+        if price is not None and r.status == OK:
+            seconds = r.server_s if r.server_s is not None else r.latency_s
+            total += price.call_cost(r.prompt_tokens, r.completion_tokens, seconds, r.request_choices)
+    return total, currencies.pop()
+
+
+Counters = tuple[float, float]  # (vllm:prefix_cache_queries_total, vllm:prefix_cache_hits_total)
+
+
+def cache_growth(before: Counters | None, after: Counters | None) -> tuple[float | None, float | None]:
+    """(queries, hits) a server's prefix cache took between two readings of its counters; (None,
+    None) when either reading is missing (no /metrics, no such counter) or the counters went
+    back (the server restarted between them): unknown, never 0."""
+    if before is None or after is None:
+        return None, None
+    queries, hits = after[0] - before[0], after[1] - before[1]
+    if queries < 0 or hits < 0:
+        return None, None
+    return queries, hits

@@ -2,12 +2,14 @@
 module, named after the method's registered name, plus one import line here."""
 
 from toa.methods import (  # noqa: F401  (each module registers its method)
+    ab_mcts,
     moa,
     optima,
     parallel_ensemble,
     prs,
     prs_feedback,
     random,
+    self_moa,
     sequential_refine,
     step_mcts,
     toa,

@@ -14,11 +14,12 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 
+from toa import stopping
 from toa.servers.process import spawn, stop_group
 from toa.servers.vllm import free_port, log_tail
 
@@ -31,17 +32,19 @@ class PrefectApiError(RuntimeError):
 
 
 @contextlib.contextmanager
-def temporary_api(log_dir: Path) -> Iterator[str | None]:
+def temporary_api(log_dir: Path, meanwhile: Callable[[], None] = lambda: None) -> Iterator[str | None]:
     """Point this thread's Prefect settings at a temporary API for the duration (yields its
     URL), or do nothing when an API is configured (yields None). Run work in other threads with
-    `contextvars.copy_context()` taken inside, so they see the same settings."""
+    `contextvars.copy_context()` taken inside, so they see the same settings. `meanwhile()` runs
+    while the API starts (e.g. imports the flow: seconds of CPU that need not wait for it)."""
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     if get_current_settings().api.url:
+        meanwhile()
         yield None
         return
     log_dir.mkdir(parents=True, exist_ok=True)
-    proc, url = _start(log_dir / "prefect-api.log")
+    proc, url = _start(log_dir / "prefect-api.log", meanwhile)
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             try:
@@ -62,7 +65,7 @@ def _drain_prefect_workers() -> None:
         worker.drain_all(timeout=STOP_TIMEOUT_S)
 
 
-def _start(log_path: Path) -> tuple[subprocess.Popen, str]:
+def _start(log_path: Path, meanwhile: Callable[[], None]) -> tuple[subprocess.Popen, str]:
     import prefect
     from prefect.settings import get_current_settings
 
@@ -76,6 +79,11 @@ def _start(log_path: Path) -> tuple[subprocess.Popen, str]:
            "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     with open(log_path, "ab") as log:
         proc = spawn(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        meanwhile()
+    except BaseException:
+        stop_group(proc, STOP_TIMEOUT_S)
+        raise
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     with httpx.Client(timeout=2.0, trust_env=False) as client:
         while True:
@@ -85,6 +93,9 @@ def _start(log_path: Path) -> tuple[subprocess.Popen, str]:
             with contextlib.suppress(httpx.HTTPError):
                 if client.get(f"{url}/health").status_code == 200:
                     return proc, url
+            if stopping.requested():  # Ctrl-C while it starts (a head start may be sampling already)
+                stop_group(proc, STOP_TIMEOUT_S)
+                stopping.check("the temporary Prefect API")
             if time.monotonic() > deadline:
                 stop_group(proc, STOP_TIMEOUT_S)
                 raise PrefectApiError(f"the temporary Prefect API did not answer within {STARTUP_TIMEOUT_S:.0f} s; "

@@ -138,8 +138,10 @@ async def read_load(client: httpx.AsyncClient, url: str, model: str | None) -> L
 
 async def watch(metrics_url: str, model: str | None, detector: StallDetector,
                 on_verdict: Callable[[Verdict], None], api_key: str | None = None,
-                poll_s: float = 5.0, clock: Callable[[], float] | None = None) -> bool:
-    """Poll `metrics_url` until cancelled, passing every verdict to `on_verdict`; a stall ends
+                poll_s: float = 5.0, clock: Callable[[], float] | None = None,
+                on_load: Callable[[Load], None] | None = None) -> bool:
+    """Poll `metrics_url` until cancelled, passing every verdict to `on_verdict` and every
+    reading to `on_load` (e.g. the queue depth to an adaptive limit, toa.aimd); a stall ends
     the watch. Returns False at once when the server has no vLLM metrics (nothing to watch)."""
     clock = clock or asyncio.get_running_loop().time
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
@@ -149,6 +151,8 @@ async def watch(metrics_url: str, model: str | None, detector: StallDetector,
         while True:
             load = await read_load(client, metrics_url, model)
             if load is not None:
+                if on_load is not None:
+                    on_load(load)
                 verdict = detector.observe(clock(), load)
                 if verdict is not None:
                     on_verdict(verdict)

@@ -26,13 +26,17 @@ def _modules() -> dict[str, Path]:
 
 
 MODULES = _modules()
+# Parsed once, at collection, before any test leaves a thread behind: on CPython 3.11 an
+# ast.parse while another thread compiles a module (a lazy import in a leftover engine or
+# Prefect thread) can fail with "SystemError: AST constructor recursion depth mismatch".
+TREES = {path: ast.parse(path.read_text()) for path in MODULES.values()}
 
 
 def _imports(name: str, path: Path) -> list[tuple[str, list[str]]]:
     """(module, names imported from it) for every import statement anywhere in the file."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(TREES[path]):
         if isinstance(node, ast.Import):
             found += [(a.name, []) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -100,7 +104,7 @@ def test_no_module_imports_another_modules_private_names():
 
 def _private_attribute_uses(name: str, path: Path) -> list[str]:
     """`alias._name` where alias is another toa module imported into this one."""
-    tree = ast.parse(path.read_text())
+    tree = TREES[path]
     aliases = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

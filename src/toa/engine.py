@@ -118,7 +118,10 @@ class Engine:
         return tasks
 
     def _route_reward(self, record: RewardRecord) -> None:
-        self.reward_sinks[record.prompt_id][-1].append(record)
+        sinks = self.reward_sinks.get(record.prompt_id)
+        if not sinks:  # its batch was cancelled (a stop) and closed: a rerun scores it again
+            return
+        sinks[-1].append(record)
         self.reward_keys.setdefault(record.prompt_id, set()).add(record.reward_key)
 
     def open_batch(self, prompts: list[Prompt], cache: dict[str, RewardRecord], sink: ShardWriter) -> None:

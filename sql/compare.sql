@@ -51,6 +51,10 @@ CREATE OR REPLACE MACRO bootstrap_count(h) AS
     + (h >= 18445208545532233728::UBIGINT)::INTEGER + (h >= 18446555009401532416::UBIGINT)::INTEGER
     + (h >= 18446723317385195520::UBIGINT)::INTEGER + (h >= 18446742018272268288::UBIGINT)::INTEGER;
 
+-- Resample b's count of each prompt, from the prompts' hashes (in the caller's prompt order).
+CREATE OR REPLACE MACRO bootstrap_counts(hashes, b) AS
+    list_transform(list_transform(hashes, lambda h: hash(xor(h, b::UBIGINT))), lambda u: bootstrap_count(u)::DOUBLE);
+
 -- Per (run, method, prompt) and k = 1 .. budget: what the method reached with k generations.
 -- * best_reward: the expected best reward of k of the prompt's scored samples drawn at random
 --   (as best_of_k in analysis.sql, whose mean over prompts it gives; null without a scored sample);
@@ -154,7 +158,7 @@ WITH curves AS (
            list_transform(has_best, lambda x: list_inner_product(counts, x)) AS best_weights,
            list_transform(prefix, lambda x: list_inner_product(counts, x)) AS prefix_sums,
            list_transform(has_prefix, lambda x: list_inner_product(counts, x)) AS prefix_weights
-    FROM (SELECT *, list_transform(list_transform(hashes, lambda h: hash(xor(h, b::UBIGINT))), lambda u: bootstrap_count(u)::DOUBLE) AS counts
+    FROM (SELECT *, bootstrap_counts(hashes, b) AS counts
           FROM (SELECT p.*, unnest(range(s.resamples)) AS b FROM per_curve p, bootstrap_settings s))
 ), intervals AS (
     SELECT run_id, method, k, count(best_reward) AS resamples,
@@ -239,7 +243,7 @@ WITH per_prompt AS (
            list_transform(wins, lambda x: list_inner_product(counts, x)) AS win_sums,
            list_transform(diffs, lambda x: list_inner_product(counts, x)) AS diff_sums,
            list_transform(has, lambda x: list_inner_product(counts, x)) AS weights
-    FROM (SELECT *, list_transform(list_transform(hashes, lambda h: hash(xor(h, b::UBIGINT))), lambda u: bootstrap_count(u)::DOUBLE) AS counts
+    FROM (SELECT *, bootstrap_counts(hashes, b) AS counts
           FROM (SELECT p.*, unnest(range(s.resamples)) AS b FROM per_run p, bootstrap_settings s))
 ), intervals AS (
     SELECT run_id, method_a, method_b, count(win_rate) AS resamples,

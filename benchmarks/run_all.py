@@ -44,6 +44,9 @@ BENCHMARKS = {
                           "toa reaches",
                           "every sampling method on a simulated world of four differing agents: generations to reach "
                           "Random best-of-32's reward, and best reward at 32 (no model; the paper's efficiency claim)"),
+    "crash_points": (["crash_points.py"], ["crash_points.py"], "crash points:",
+                     "kill -9 of `toa run`, `toa export`, `toa report` and `toa evolve` at seeded points over every "
+                     "phase, each followed by a rerun: calls in flight, calls repeated, rows lost, duplicates"),
 }
 
 

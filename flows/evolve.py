@@ -20,11 +20,13 @@ from prefect.runtime import flow_run
 from toa.flows.params import RunParameters, check_declares
 from toa.flows.synthesize import toa
 from toa.tasks.evolve import evolve_iteration, record_iteration
-from toa.plan import resolve
 
 from toa import templates
+from toa.config import RunConfig
 from toa.evolve import EvolveConfig
 from toa.evolve import evolve_id as make_evolve_id
+from toa.plan import resolve
+from toa.runlock import hold, lock_path
 
 
 def next_source(path: str, storage_options: dict[str, Any]) -> dict[str, Any]:
@@ -59,6 +61,17 @@ def toa_evolve(
     run_cfg = resolve(config_file, base)
     first = toa(config_file=config_file, overrides=base)
     eid = make_evolve_id(first["run_id"], cfg)
+    # one process at a time per evolve loop (toa.runlock): its steps' calls are not shared in
+    # flight, so a second loop of the same id waits, then replays every step and run
+    lock = lock_path(run_cfg.results_root, run_cfg.storage_options, "evolve", f"evolve={eid}", "evolve.lock")
+    with hold(lock, f"evolve {eid}", say=logger.warning):
+        return _iterate(config_file, base, cfg, run_cfg, eid, first)
+
+
+def _iterate(config_file: str | None, base: dict[str, Any], cfg: EvolveConfig, run_cfg: RunConfig, eid: str,
+             first: dict[str, Any]) -> dict[str, Any]:
+    """Iterations 1..k of the loop `eid` after its first run."""
+    logger = get_run_logger()
     sampled = max((row["prompts"] for row in first["summary"]), default=0)
     record_iteration(run_cfg, eid, 0, first["run_id"], run_cfg.prompts.path, {"prompts": sampled, "evolved": 0, "selected": 0})
     runs, run_id, step = [first], first["run_id"], None

@@ -34,15 +34,17 @@ from toa.tasks.verdicts import judge_samples, wants_verdicts
 
 from toa import stopping
 from toa.engine import cancel_all_work, close_engines
-from toa.units import BatchStats
 from toa.plan import RunPlan
+from toa.runlock import hold_run
 from toa.runners import (
     TaskRunnerConfig,
     api_for_workers,
     build_task_runner,
     close_worker_engines,
+    lost_on_cluster,
     shared_results_root,
 )
+from toa.units import BatchStats
 
 
 @flow(name="toa", log_prints=True)
@@ -61,6 +63,14 @@ def toa(
     takes dotted keys (e.g. {"reward.kind": "math", "agents": [...]})."""
     plan = prepare_run(RunParameters(config_file=config_file, methods=methods, n=n, seed=seed, prompts_path=prompts_path,
                                      limit=limit, results_root=results_root, overrides=overrides))
+    # one process at a time per run (toa.runlock): a second run of the same config waits here,
+    # then finds its units done; under `toa run` the CLI holds it already (re-entrant)
+    with hold_run(plan.cfg.results_root, plan.cfg.storage_options, plan.run_id, say=get_run_logger().warning):
+        return _synthesize(plan)
+
+
+def _synthesize(plan: RunPlan) -> dict[str, Any]:
+    """The flow's work once it holds the run: prompts, sampling, datasets, summary, report."""
     batches = load_prompt_batches(plan.cfg)
     work = find_work(plan, batches)
     if work.finished is not None:  # same config, same prompt file, every unit done: nothing to redo
@@ -133,8 +143,10 @@ def _collect(futures: dict, progress: RunProgress) -> tuple[list[BatchStats], li
                 stats.append(future.result())
                 progress.finished(method, batch, stats[-1])
             else:
-                failed.append(f"{method}/{batch}: {future.state.message}")
-                progress.finished(method, batch, None, future.state.message)
+                state = future.state
+                why = state.message if state.is_final() else (lost_on_cluster(future) or state.message)
+                failed.append(f"{method}/{batch}: {why}")
+                progress.finished(method, batch, None, why)
     finally:
         progress.close()
     return stats, failed

@@ -12,17 +12,24 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from toa.flows.params import RunParameters
 
 from toa import stopping
 from toa.batches import BatchRef
-from toa.flows.params import RunParameters
 from toa.db import create_views
 from toa.engine import started_ahead
 from toa.limits import require_shared_api
 from toa.plan import RunPlan, plan_run, resolve
 from toa.preflight import check_inputs
 from toa.storage import Store
-from toa.units import BatchStats, completed, finished_result, result_marker, unit_states
+from toa.units import (
+    BatchStats,
+    check_result,
+    completed,
+    set_aside_changed,
+    unit_states,
+    write_result,
+)
 
 
 @task(name="plan-run", cache_policy=NO_CACHE)
@@ -32,8 +39,15 @@ def prepare_run(params: RunParameters) -> RunPlan:
     cfg = resolve(params.config_file, params.overrides_for_config())
     check_inputs(cfg)
     plan = plan_run(cfg)
+    store = Store(cfg.results_root, cfg.storage_options)
+    # shards of a recorded result changed by hand would fail the views: set aside, then remade
+    changed = set_aside_changed(store, plan.run_id, busy=lambda method, batch: started_ahead(plan.run_id, method, batch))
+    if changed:
+        get_run_logger().warning("run %s: set aside %d shard(s) changed since its result was recorded, to be "
+                                 "made again: %s (kept as <name>.changed-<time>)", plan.run_id, len(changed),
+                                 ", ".join(changed))
     # tables and views: fails here, before any model call, on a root without write permission
-    create_views(Store(cfg.results_root, cfg.storage_options))
+    create_views(store)
     require_shared_api(cfg.agents)  # global limits need a Prefect API every worker shares
     get_run_logger().info("run %s: methods %s, %d agents, n=%d, results in %s", plan.run_id, cfg.methods,
                           len(cfg.agents), cfg.n, cfg.results_root)
@@ -55,22 +69,25 @@ def find_work(plan: RunPlan, batches: list[BatchRef]) -> Work:
     units = [(m, b) for m, b, _ in states]
     pending = [(m, b) for m, b, done in states if done is None]
     get_run_logger().info("%d of %d (method, batch) units to do", len(pending), len(units))
-    finished = finished_result(plan, states)
-    if finished is not None:
+    # the CLI's rerun shortcut (cli._finished_run) and this check are one rule (units.check_result)
+    check = check_result(plan, states)
+    if check.result is not None:
         get_run_logger().info("run %s is complete: returning its recorded result", plan.run_id)
-    return Work(units, pending, [done for _, _, done in states if done is not None], finished)
+    elif check.why:
+        get_run_logger().info(check.why)
+    return Work(units, pending, [done for _, _, done in states if done is not None], check.result)
 
 
 @task(name="finish-run", cache_policy=NO_CACHE)
 def finish_run(plan: RunPlan, result: dict[str, Any], units: int) -> dict[str, Any]:
-    """Record the result of a run whose every unit finished (the rerun shortcut), or fail
-    naming the failed batches so that a retry of the flow run redoes only them."""
+    """Record the result of a run whose every unit finished, with the shards it rests on (the
+    rerun shortcut: units.write_result), or fail naming the failed batches so that a retry of
+    the flow run redoes only them."""
     failed = result["failed_batches"]
     if failed:
         raise RuntimeError(f"{len(failed)} of {units} batches failed after retries: {failed}; "
                            "their errors are rows in the samples/calls views; retry this flow run to redo them")
-    Store(plan.cfg.results_root, plan.cfg.storage_options).write_json({**result, "units": units},
-                                                                      *result_marker(plan.run_id))
+    write_result(plan, result, units)
     return result
 
 

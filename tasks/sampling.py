@@ -3,6 +3,12 @@
 The work is toa.engine.run_batch (plain Python). A batch with failed calls or rewards writes
 everything it has (errors as rows) and then fails, so Prefect retries it; the retry replays the
 recorded calls and makes only the failed ones again.
+
+On Dask, a worker process that dies mid-batch is not a failure Prefect sees: the scheduler runs
+the task again on another worker, where the batch's first shard writers take in the dead
+worker's call and reward journals (toa.storage.ShardWriter.recover) before its record is read,
+so only the calls it had in flight are made again (tests/test_worker_death.py). A task the
+scheduler gives up on is named by toa.runners.lost_on_cluster.
 """
 
 from __future__ import annotations
@@ -11,16 +17,16 @@ import functools
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from toa.tasks.progress import prompt_done
+from toa.tasks.prompts import read_batch
 
 from toa import stopping
-from toa.plan import RunPlan
+from toa.batches import BatchRef
 from toa.engine import run_batch
-from toa.units import BatchStats
+from toa.plan import RunPlan
 from toa.servers import Endpoint
 from toa.storage import Store
-from toa.tasks.progress import prompt_done
-from toa.batches import BatchRef
-from toa.tasks.prompts import read_batch
+from toa.units import BatchStats
 
 
 class BatchFailed(RuntimeError):

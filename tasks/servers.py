@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from toa import stopping
 from toa.config import AgentConfig, RunConfig
+from toa.identity import Checked, verify_attached
 from toa.servers import Endpoint, ServerHandle, attach, start_vllm
 from toa.servers.attach import probe
 from toa.servers.machine import cpu_info, likely_causes
@@ -71,18 +72,38 @@ def attach_endpoint(agent: AgentConfig) -> Endpoint:
 
 def start_endpoints(cfg: RunConfig, owner: str, agents: list[AgentConfig] | None = None) -> dict[str, Endpoint]:
     """The endpoints of `agents` (default: the run's): attach every attached agent first (a
-    wrong URL or key fails in a second, before any server is started for nothing), then launch
-    the others concurrently, logging to the results root's logs/; {alias: Endpoint}."""
+    wrong URL or key fails in a second, before any server is started for nothing) and check
+    that the models behind them, and behind an attached reward model, are the ones their
+    recorded calls came from (toa.identity.verify_attached: a changed one stops the run here,
+    before any call is replayed), then launch the others concurrently, logging to the results
+    root's logs/; {alias: Endpoint}."""
     agents = cfg.agents if agents is None else agents
-    log_dir = Store(cfg.results_root, cfg.storage_options).local_dir("logs")
+    store = Store(cfg.results_root, cfg.storage_options)
+    log_dir = store.local_dir("logs")
     attached = {a.alias: attach_endpoint.submit(a) for a in agents if not a.launch}
     endpoints = {alias: f.result() for alias, f in attached.items()}
+    _log_identities(verify_attached(cfg, endpoints, run=owner, store=store))
     stopping.check("server start")
     launched = {a.alias: launch_server.submit(a, log_dir, owner) for a in agents if a.launch}
     for f in launched.values():  # all settled before any error is raised: none starts unseen
         f.wait()
     endpoints |= {alias: f.result() for alias, f in launched.items()}
     return {a.alias: endpoints[a.alias] for a in agents}
+
+
+def _log_identities(checks: list[Checked]) -> None:
+    logger = get_run_logger()
+    for c in checks:
+        if c.outcome == "unchecked":
+            logger.warning("%s: could not check that the model is the one its recorded calls came from: %s; "
+                           "going on (its failing calls are recorded as errors)", c.alias, c.note)
+        elif c.outcome == "accepted":
+            logger.warning("%s: the model at this endpoint changed (fingerprint %s, now %s); accepted by "
+                           "accept_changed_models, its recorded calls are replayed; recorded under identity/",
+                           c.alias, c.previous, c.fingerprint)
+        else:
+            logger.info("%s: behavioural fingerprint %s (%s)", c.alias, c.fingerprint,
+                        "first seen, recorded" if c.outcome == "recorded" else "as recorded")
 
 
 def stop_servers(owner: str) -> None:

@@ -79,13 +79,32 @@ async def test_repeated_identical_request_gets_next_slots_and_rerun_replays_all(
 
 
 async def test_key_depends_on_seed_prompt_params_and_model():
-    layer, records, _ = make_layer(FakeServer())
-    await layer.for_prompt("p1")("a", MSG, 1)
-    other_seed, rec2, _ = make_layer(FakeServer(), seed=1)
-    await other_seed.for_prompt("p1")("a", MSG, 1)
-    other_msg, rec3, _ = make_layer(FakeServer())
-    await other_msg.for_prompt("p1")("a", [{"role": "user", "content": "hello"}], 1)
-    assert len({records[0].call_key, rec2[0].call_key, rec3[0].call_key}) == 3
+    """The call key changes with each of run seed, messages, sampling parameters (the agent's
+    own and a per-request override) and model identity; the same request gets the same key on a
+    second layer, also where the model is reached at another address (so it is replayed)."""
+    async def key(seed=0, messages=MSG, params=None, identity="fake-model", base_url="http://fake/v1", **sampling):
+        endpoint = Endpoint(alias="a", base_url=base_url, model="m", api_key=SecretStr("k"), identity=identity)
+        client = EndpointClient(endpoint, params or {"temperature": 0.7, "max_tokens": 8},
+                                ClientPolicy(retries=0), transport=FakeServer())
+        records = []
+        await CallLayer({"a": client}, {}, records.append, run_seed=seed).for_prompt("p1")("a", messages, 1, **sampling)
+        return records[0].call_key, records[0].model
+
+    base, model = await key()
+    assert model == "fake-model"  # the record names the model identity the key was made with
+    assert (await key())[0] == base  # deterministic: a second run replays it
+    assert (await key(base_url="http://moved:9000/v1"))[0] == base  # where it is served is not what it is
+    variants = {
+        "seed": await key(seed=1),
+        "messages": await key(messages=[{"role": "user", "content": "hello"}]),
+        "temperature": await key(params={"temperature": 0.9, "max_tokens": 8}),
+        "max_tokens": await key(params={"temperature": 0.7, "max_tokens": 9}),
+        "override": await key(stop=["\\n"]),
+        "model": await key(identity="other-model@sha256:0"),
+    }
+    assert variants["model"][1] == "other-model@sha256:0"
+    keys = {name: k for name, (k, _) in variants.items()}
+    assert base not in keys.values() and len(set(keys.values())) == len(keys), keys
 
 
 async def test_transient_errors_are_retried_with_backoff():

@@ -100,13 +100,12 @@ def test_toa_plan_prints_the_run_id_the_units_and_the_work_starting_nothing(tmp_
     assert "random: 0 of 1 batches done; 1 to run (4 prompts, 16 generations)" in text
     assert not root.exists()  # nothing written, nothing started
 
-    from dataclasses import asdict
-
-    from toa.units import BatchStats, done_marker
     from toa.batches import planned_batches
+    from toa.units import BatchStats, mark_done
 
     batch = planned_batches(cfg)[0]
-    marker = asdict(BatchStats("random", batch.key, prompts=4, samples=16))  # as run_batch writes it
-    Store(str(root)).write_json(marker, *done_marker(plan.run_id, "random", batch.key))
+    store = Store(str(root))  # a finished unit as run_batch leaves it: its samples shard, then its marker
+    store.write_rows("samples", [], f"run={plan.run_id}", "method=random", f"{batch.key}.parquet")
+    mark_done(store, plan.run_id, BatchStats("random", batch.key, prompts=4, samples=16))
     text = _toa_plan(root, "--set", "prompts.limit=4")
     assert "random: 1 of 1 batches done; 0 to run" in text and "parallel_ensemble: 0 of 1 batches done" in text

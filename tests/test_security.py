@@ -223,3 +223,21 @@ def test_hostile_values_are_bound_not_executed(tmp_path):
     assert query(store, "select count(*) as n from prompts where prompt_id = ?", ["p1"])["n"][0] == 1
     assert query(store, "select ? as v", ["'); drop view prompts; --"])["v"][0].startswith("');")
     assert query(store, "select count(*) as n from prompts")["n"][0] == 1  # the view is still there
+
+
+def test_storage_credentials_in_a_run_file_are_masked_wherever_the_config_is_shown():
+    """storage_options of the results root and of the prompt source may carry credentials
+    (s3fs key/secret, ...): the config holds them as SecretStr, so the run record
+    (runs.config_json is the config's JSON), logs and Prefect see them masked, while the Store
+    and the prompt reader get the plain values."""
+    from toa.config import load_config
+    from toa.storage import plain_options
+
+    secret = secrets.token_hex(8)
+    cfg = load_config(overrides={"storage_options": {"key": "AKIA-id", "secret": secret, "endpoint_url": "http://s3:9000"},
+                                 "prompts.storage_options": {"token": secret}})
+    dumped = cfg.model_dump_json()
+    assert secret not in dumped and "AKIA-id" not in dumped and secret not in repr(cfg)
+    assert "http://s3:9000" in dumped  # not a credential: shown as given
+    assert plain_options(cfg.storage_options) == {"key": "AKIA-id", "secret": secret, "endpoint_url": "http://s3:9000"}
+    assert plain_options(cfg.prompts.storage_options) == {"token": secret}

@@ -56,6 +56,7 @@ def test_command_on_gpu_has_gpu_flags_and_visible_devices():
     assert _argv_value(cmd, "--max-model-len") == "4096"
     assert _argv_value(cmd, "--chat-template") == "/t.jinja"
     assert "--enforce-eager" not in cmd
+    assert "--enable-per-request-metrics" not in cmd  # the user's vLLM, of any version: theirs to add
     assert cmd[-2:] == ["--seed", "1"]
     env = build_env(spec, "cuda", SECRET, base={"PATH": "/bin", "PYTHONPATH": "/x"})
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
@@ -68,6 +69,7 @@ def test_command_on_cpu_is_eager_with_kv_cache_space_and_key_only_in_env():
     cmd = build_command(spec, model_dir="/models/m", served_name="a", port=1, python="py",
                         device="cpu", chat_template_path=None)
     assert "--enforce-eager" in cmd and "--no-enable-chunked-prefill" in cmd
+    assert "--enable-per-request-metrics" in cmd  # server seconds per call (toa's pinned vLLM CPU has it)
     assert "--gpu-memory-utilization" not in cmd
     assert "--chat-template" not in cmd
     assert not any(SECRET in a for a in cmd)

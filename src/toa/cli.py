@@ -87,6 +87,9 @@ def cmd_run(args) -> None:
     _prefect_env()
     overrides = _parse_sets(args.set)
     cfg = resolve(args.config, overrides)  # as the flow will: a bad config fails before Prefect starts
+    if args.accept_changed_model:  # added to the run file's accept_changed_models (toa.identity)
+        overrides["accept_changed_models"] = sorted({*cfg.accept_changed_models, *args.accept_changed_model})
+        cfg = resolve(args.config, overrides)
     check_inputs(cfg)
     finished = _finished_run(cfg)
     if finished is not None:
@@ -94,26 +97,33 @@ def cmd_run(args) -> None:
         return
     result = _run_flow("toa.flows.synthesize",
                        lambda flows: flows.toa(config_file=args.config, overrides=overrides, return_state=True),
-                       cfg.results_root, args, show_bar=sys.stdout.isatty() and not args.no_progress, ahead=cfg)
+                       cfg.results_root, args, show_bar=sys.stdout.isatty() and not args.no_progress, run=cfg)
     _print_result(result)
 
 
 def _finished_run(cfg) -> dict | None:
-    """The recorded result when every unit of this run (`cfg`, resolved) is already done: a
-    rerun then prints it without starting a Prefect API, servers or the flow. None when there
-    is work left."""
+    """The recorded result when every unit of this run (`cfg`, resolved) is already done and
+    the shards it names are there with their recorded sizes (units.check_result, the flow's own
+    rule): a rerun then prints it without starting a Prefect API, servers or the flow. None when
+    there is work left; a recorded result that cannot be trusted says why in one line."""
     from toa.batches import planned_batches
     from toa.plan import plan_run
     from toa.storage import Store
-    from toa.units import finished_result, result_marker, unit_states
+    from toa.units import check_result, result_marker, set_aside_changed, unit_states
 
     plan = plan_run(cfg)
-    if not Store(plan.cfg.results_root, plan.cfg.storage_options).exists(*result_marker(plan.run_id)):
+    store = Store(plan.cfg.results_root, plan.cfg.storage_options)
+    if not store.exists(*result_marker(plan.run_id)):
         return None  # not finished: no need to read the prompt source here
-    finished = finished_result(plan, unit_states(plan, planned_batches(plan.cfg)))
-    if finished is not None:
+    check = check_result(plan, unit_states(plan, planned_batches(plan.cfg)))
+    if check.result is not None:
         print(f"run {plan.run_id} is complete: every (method, batch) unit is done; its recorded result:")
-    return finished
+    elif check.why:
+        # now, before a head start (toa.head_start) may make a changed shard's unit again over it
+        kept = set_aside_changed(store, plan.run_id)
+        print(check.why + (f" (the {len(kept)} changed one{'s' if len(kept) > 1 else ''} kept as "
+                           "<name>.changed-<time>)" if kept else ""))
+    return check.result
 
 
 def cmd_plan(args) -> None:
@@ -121,8 +131,8 @@ def cmd_plan(args) -> None:
     to run, the generations to expect."""
     from toa.batches import planned_batches
     from toa.plan import describe, plan_run, resolve
-    from toa.units import unit_states
     from toa.preflight import check_prompt_source
+    from toa.units import unit_states
 
     _prefect_env()
     cfg = resolve(args.config, _parse_sets(args.set))
@@ -156,12 +166,15 @@ def cmd_evolve(args) -> None:
           f"'{result['evolve_id']}'\"; evolved prompts in the evolutions view")
 
 
-def _run_flow(flow: str, call: Callable[[Any], Any], results_root: str, args, show_bar: bool, ahead=None) -> Any:
+def _run_flow(flow: str, call: Callable[[Any], Any], results_root: str, args, show_bar: bool, run=None) -> Any:
     """Run `call(module)` of the flow module `flow` (returning the flow's final state) on a
     temporary Prefect API when none is configured; returns the flow's result, raises its
     exception. The module is imported while the API starts. All of it (the head start of the
-    run `ahead`, Prefect's start-up, the flow) runs in a worker thread that a Ctrl-C or SIGTERM
-    stops in order (toa.supervise), from the first model request on."""
+    run `run`, a resolved config; Prefect's start-up; the flow) runs in a worker thread that a
+    Ctrl-C or SIGTERM stops in order (toa.supervise), from the first model request on. The
+    run's lock (toa.runlock) is held for all of it, taken before the head start samples; a run
+    that waited for another process holding it returns that process's recorded result when it
+    finished the run."""
     from importlib import import_module
 
     from toa.supervise import run_stoppable
@@ -172,18 +185,38 @@ def _run_flow(flow: str, call: Callable[[Any], Any], results_root: str, args, sh
         from toa.servers.prefect_api import temporary_api
         from toa.storage import Store
 
-        if ahead is not None:
-            begin(ahead)  # attached servers: the first requests leave now, not after Prefect's start-up
-        module = []
-        try:
-            with temporary_api(Path(Store(results_root).local_dir("logs")), lambda: module.append(import_module(flow))):
-                stopping.check("the flow")
-                with _console(show_bar, debug=args.debug):
-                    return call(module[0])
-        finally:
-            _end_head_start()
+        with _run_lock(run) as waited:
+            if waited and (finished := _finished_run(run)) is not None:
+                return finished  # the other process finished this run meanwhile
+            if run is not None:
+                begin(run)  # attached servers: the first requests leave now, not after Prefect's start-up
+            module = []
+            try:
+                with temporary_api(Path(Store(results_root).local_dir("logs")), lambda: module.append(import_module(flow))):
+                    stopping.check("the flow")
+                    with _console(show_bar, debug=args.debug):
+                        return call(module[0])
+            finally:
+                _end_head_start()
 
-    return run_stoppable(job).result()  # raises the flow's exception, or CancelledRun
+    outcome = run_stoppable(job)
+    if isinstance(outcome, dict):  # the recorded result of a run another process finished
+        return outcome
+    return outcome.result()  # the flow's state: raises the flow's exception, or CancelledRun
+
+
+@contextmanager
+def _run_lock(cfg):
+    """Hold the run lock of `cfg` (toa.runlock; None: nothing to hold); yields whether it had
+    to wait for another process."""
+    if cfg is None:
+        yield False
+        return
+    from toa.plan import run_id
+    from toa.runlock import hold_run
+
+    with hold_run(cfg.results_root, cfg.storage_options, run_id(cfg)) as waited:
+        yield waited
 
 
 def _end_head_start() -> None:
@@ -303,29 +336,31 @@ def _print_result(result: dict) -> None:
     print(f"run {result['run_id']}")
     for method, counts in result["datasets"].items():
         print(f"  {method}: {counts['sft']} SFT rows, {counts['dpo']} DPO pairs -> "
-              f"{store.path('exports', 'run=' + result['run_id'], method)}/{{sft,dpo}}.jsonl")
+              f"{store.local_dir('exports', 'run=' + result['run_id'], method)}/{{sft,dpo}}.jsonl")
     print(f"DuckDB: {database_path(store)}")
     print(f"  all columns: toa sql \"select * from method_summary where run_id = '{result['run_id']}'\"")
 
 
 def cmd_sql(args) -> None:
-    import polars as pl
+    """Print one query's result as DuckDB draws it: no polars or pyarrow to import, which were
+    two thirds of a `toa sql` (issue "Performance at scale": select 1 in <= 0.5 s)."""
+    from toa.db import connect
 
-    from toa.db import query
-    from toa.storage import Store
-
-    df = query(Store(_root(args)), args.query)
-    with pl.Config(tbl_rows=args.max_rows, tbl_cols=50, fmt_str_lengths=args.width, tbl_width_chars=240):
-        print(df)
+    con = connect(_store(args))
+    try:
+        result = con.sql(args.query)  # the user's own query, as given (docs/design.md: toa sql)
+        if result is not None:  # a statement that returns no rows (SET, PRAGMA ...) prints nothing
+            result.show(max_rows=args.max_rows, max_width=240, max_col_width=args.width)
+    finally:
+        con.close()
 
 
 def cmd_tree(args) -> None:
     from toa.db import query
     from toa.sql import query_text
-    from toa.storage import Store
     from toa.treeview import render_html, render_text, tree_frames
 
-    store = Store(_root(args))
+    store = _store(args)
     # fixed SQL from sql/queries/ with bound values only (tests/test_security.py checks every query call)
     nodes = query(store, query_text("tree_nodes_of_prompt"), [args.prompt_id, args.method])
     samples = query(store, query_text("samples_of_prompt"), [args.prompt_id, args.method])
@@ -343,19 +378,27 @@ def cmd_tree(args) -> None:
         print(f"picture: {args.html}")
 
 
-def _root(args) -> str:
-    if args.root:
-        return args.root
-    from toa.config import load_config  # only without --root: it loads every method (~0.7 s)
+def _store(args):
+    """The results root to read: --root as given (an object store's endpoint and credentials
+    from the environment), else the run config's results_root with its storage options (a
+    results_block resolved)."""
+    from toa.storage import Store
 
-    return load_config(args.config).results_root
+    if args.root:
+        return Store(args.root)
+    from toa.config import (
+        load_config,  # only without --root: it loads every method (~0.7 s)
+    )
+    from toa.plan import with_blocks
+
+    cfg = with_blocks(load_config(args.config))
+    return Store(cfg.results_root, cfg.storage_options)
 
 
 def cmd_report(args) -> None:
     from toa.report import build_report
-    from toa.storage import Store
 
-    store = Store(_root(args))
+    store = _store(args)
     paths = build_report(store, args.run_id, args.out or store.local_dir("reports", f"run={args.run_id}"))
     for name, path in paths.items():
         print(f"{name}: {path}")
@@ -363,9 +406,8 @@ def cmd_report(args) -> None:
 
 def cmd_export(args) -> None:
     from toa.exports import FORMATS, export_run
-    from toa.storage import Store
 
-    store = Store(_root(args))
+    store = _store(args)
     out = args.out or store.local_dir("exports", f"run={args.run_id}")
     paths = export_run(store, args.run_id, out, formats=tuple(args.format or FORMATS), push_to_hub=args.push_to_hub)
     for name, path in paths.items():
@@ -390,6 +432,9 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
         if name == "run":
             p.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal anyway)")
+            p.add_argument("--accept-changed-model", action="append", default=[], metavar="ALIAS",
+                           help="an attached model (agent alias, or 'reward') whose answers changed behind the same "
+                                "URL and name: replay its recorded calls anyway; the acceptance is recorded")
         if name == "doctor":
             p.add_argument("--probe", action="store_true",
                            help="start the run's servers and time a burst on each (about a minute)")

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from toa.errors import UserError
@@ -29,6 +37,7 @@ from toa.prompts import DEFAULT_PROMPTS, PromptSource
 from toa.reward.config import RewardConfig
 from toa.runners import TaskRunnerConfig
 from toa.servers.spec import AttachSpec, LaunchSpec, place_cpu_servers
+from toa.storage import mask_credentials
 
 OPERATIONAL = {"operational": True}  # json_schema_extra marker: excluded from the fingerprint
 
@@ -137,7 +146,11 @@ class RunConfig(BaseSettings):
     task_retries: int = Field(2, ge=0, description="Prefect retries of a failed (method, batch) task.", json_schema_extra=OPERATIONAL)
     task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig, description="Where the (method, batch) tasks run: Prefect threads in the flow process, or a Dask cluster (toa.runners).", json_schema_extra=OPERATIONAL)
     head_start: bool = Field(True, description="`toa run` with every server attached: start the first (method, batch) unit while Prefect starts, for the flow to adopt (toa.head_start).", json_schema_extra=OPERATIONAL)
+    accept_changed_models: list[str] = Field(default_factory=list, description="Aliases of attached endpoints ('reward' for the reward model's) whose behavioural fingerprint may differ from the one recorded with their calls in results_root: their recorded calls are replayed anyway and the acceptance is recorded (who, when, old, new) under <results_root>/identity/ (toa.identity). Without it such a run stops before any call, naming the endpoint. `toa run --accept-changed-model ALIAS`.", json_schema_extra=OPERATIONAL)
     _methods: dict[str, Method] = PrivateAttr(default_factory=dict)  # built by _check, once
+
+    # credentials written in the run file print and serialize masked (runs.config_json, logs)
+    _mask_storage_credentials = field_validator("storage_options")(mask_credentials)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -147,6 +160,10 @@ class RunConfig(BaseSettings):
         unknown = [m for m in self.methods if m not in method_names()]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; known: {method_names()}")
+        unknown_aliases = [a for a in self.accept_changed_models if a not in aliases and a != "reward"]
+        if unknown_aliases:
+            raise ValueError(f"accept_changed_models names no agent {unknown_aliases}; agents: {aliases} "
+                             "(or 'reward' for the reward model's endpoint)")
         typos = [m for m in self.method_options if m not in method_names()]
         if typos:
             raise ValueError(f"method_options for unknown method(s) {typos}; known: {method_names()}")

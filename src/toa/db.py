@@ -3,7 +3,8 @@
 The database file holds only view definitions, so it never goes stale: a new shard is visible
 to the next query. It sits in the results root when that is a local folder; for a remote root
 (s3://, gs://, ...) it lives in ${TOA_HOME:-~/.cache/toa}/duckdb/ and the root's fsspec
-filesystem is registered on every connection.
+filesystem is registered on every connection, with a listing cache that lives as long as the
+connection (Store.snapshot_fs): a query sees the shards there were when it began.
 
 Writers create the views (create_views, called where a run is recorded: tasks/report.py);
 queries only read (connect, query): they open the file read-only, or, when it is missing, locked
@@ -20,18 +21,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
-import polars as pl
 
-from toa.rows import SCHEMAS, frame
 from toa.sql import load as load_sql
 from toa.sql import query_text
-from toa.storage import Store
+from toa.storage import Store, toa_home
+
+if TYPE_CHECKING:
+    import polars as pl
+
+# polars and toa.rows are imported where a result becomes a DataFrame or a table's schema is
+# needed: `toa sql` reads a current database file with neither (see toa.storage).
 
 VIEW_FILES = ("tables", "summary", "analysis", "evolve", "accuracy", "compare", "cost")
 log = logging.getLogger(__name__)
@@ -40,8 +44,7 @@ log = logging.getLogger(__name__)
 def database_path(store: Store) -> Path:
     if store.local:
         return Path(store.root) / "toa.duckdb"
-    home = Path(os.environ.get("TOA_HOME", Path.home() / ".cache" / "toa"))
-    return home / "duckdb" / f"{hashlib.sha256(store.url.encode()).hexdigest()[:16]}.duckdb"
+    return toa_home() / "duckdb" / f"{hashlib.sha256(store.url.encode()).hexdigest()[:16]}.duckdb"
 
 
 def _literal(text: str) -> str:
@@ -66,6 +69,8 @@ def _uniform_tables(con: duckdb.DuckDBPyConnection, store: Store) -> set[str]:
     """The tables whose every shard has exactly the table's columns, each of one type: their
     views need no union_by_name, so a query binds them from one shard instead of all of them
     (~0.3 ms a shard, per view named). On any error: none (union_by_name everywhere, as safe)."""
+    from toa.rows import SCHEMAS
+
     root = _root_for_sql(store)
     try:
         shards = con.execute(query_text("shard_columns"), [[f"{root}/{t}/**/*.parquet" for t in SCHEMAS]]).fetchall()
@@ -88,7 +93,7 @@ def _stamp(ddl: str) -> str:
 def _open(store: Store, database: str, read_only: bool) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(database, read_only=read_only)
     if not store.local:
-        con.register_filesystem(store.fs)
+        con.register_filesystem(store.snapshot_fs())  # folders listed once per connection
     return con
 
 
@@ -158,6 +163,8 @@ _UNION = re.compile(r"('/(\w+)/\*\*/\*\.parquet', union_by_name = )true")
 def _stand_in(con: duckdb.DuckDBPyConnection, statement: str, exc: duckdb.IOException) -> None:
     """A view over a table folder that holds no shard (a root written by an older toa, or only
     partly): an empty table of that table's schema answers under the view's name instead."""
+    from toa.rows import SCHEMAS, frame
+
     view, folder = _VIEW.search(statement), _FOLDER.search(statement)
     if "No files found" not in str(exc) or not view or not folder or folder[1] not in SCHEMAS:
         raise exc
@@ -178,6 +185,8 @@ def _polars(result: duckdb.DuckDBPyRelation | None) -> pl.DataFrame:
     """A result as a polars DataFrame through the Arrow C stream interface, which needs no
     pyarrow (importing it is a third of a `toa sql`). Polars takes no INTERVAL that way (it
     would panic); such a result goes through pyarrow, which raises polars' plain error."""
+    import polars as pl
+
     if result is not None and any("INTERVAL" in str(t) for t in result.types):
         return result.pl()
     return pl.DataFrame(result)

@@ -32,7 +32,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 import polars as pl
@@ -62,7 +61,14 @@ from toa.servers import Endpoint
 from toa.servers.machine import likely_causes
 from toa.servers.watch import Load, StallDetector, Verdict, watch
 from toa.storage import ShardWriter, Store
-from toa.units import BatchStats, Counters, cache_growth, calls_cost, completed, done_marker
+from toa.units import (
+    BatchStats,
+    Counters,
+    cache_growth,
+    calls_cost,
+    completed,
+    mark_done,
+)
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +339,7 @@ def run_batch(plan: RunPlan, endpoints: dict[str, Endpoint], method: str, batch:
                                             {a.alias: a.price for a in cfg.agents if a.price is not None})
     _record_prefix_caches(store, (run_id, method, batch), caches_before, _read_prefix_caches(engine), started_at, stats.seconds)
     if not stats.failed:
-        store.write_json(asdict(stats), *done_marker(run_id, method, batch))
+        mark_done(store, run_id, stats)
     return stats
 
 

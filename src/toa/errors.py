@@ -5,3 +5,7 @@ done stays recorded. Raise a subclass wherever such a problem is found."""
 
 class UserError(ValueError):
     """A problem in what the user gave toa (config, prompt file, endpoint), not a bug."""
+
+
+class UnknownRun(UserError, LookupError):
+    """A run id with nothing recorded under the results root (`toa report`, `toa export`)."""

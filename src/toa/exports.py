@@ -32,6 +32,7 @@ from typing import Any
 import polars as pl
 
 from toa.datasets import dpo_jsonl, sft_jsonl
+from toa.errors import UnknownRun
 from toa.rows import conform
 from toa.storage import Store
 
@@ -49,7 +50,7 @@ def load_run(store: Store, run_id: str) -> tuple[pl.DataFrame, pl.DataFrame, dic
     sft, dpo = (store.read(t, f"run={run_id}").filter(pl.col("run_id") == run_id).sort("method", "prompt_id")
                 for t in ("sft", "dpo"))
     if sft.is_empty() and dpo.is_empty():
-        raise LookupError(f"run {run_id!r} has no sft or dpo rows in {store.url}; build the datasets first")
+        raise UnknownRun(f"run {run_id!r} has no sft or dpo rows in {store.url}; build the datasets first")
     runs = store.read("runs", f"run={run_id}").filter(pl.col("run_id") == run_id).sort("started_at")
     config = json.loads(runs["config_json"][-1]) if runs.height and runs["config_json"][-1] else None
     return sft, dpo, config

@@ -29,6 +29,7 @@ def begin(cfg: RunConfig) -> str | None:
     if not eligible(cfg):
         return None
     from toa.engine import start_ahead
+    from toa.identity import verify_attached
     from toa.plan import plan_run
     from toa.prompts import iter_prompts
     from toa.runners import shared_results_root
@@ -45,6 +46,7 @@ def begin(cfg: RunConfig) -> str | None:
         endpoints = {a.alias: attach(a.alias, a.endpoint) for a in cfg.agents}
         for endpoint in endpoints.values():
             probe(endpoint)  # a wrong URL or key: no head start, the flow reports it
+        verify_attached(cfg, endpoints, run=plan.run_id)  # a changed model: no head start; the flow refuses it
     except UserError:
         return None
     store = Store(cfg.results_root, cfg.storage_options)

@@ -41,10 +41,11 @@ from typing import Any, Literal
 
 import fsspec
 from fsspec.utils import infer_compression
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from toa.errors import UserError
 from toa.rows import Prompt, SkippedRow
+from toa.storage import mask_credentials, plain_options
 
 DEFAULT_PROMPTS: str = str(Path(__file__).parent / "data" / "default_prompts.jsonl")
 
@@ -105,6 +106,7 @@ class PromptSource(BaseModel):
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="Passed to fsspec (credentials, endpoints, ...); not part of the fingerprint.")
+    _mask_credentials = field_validator("storage_options")(mask_credentials)  # masked when printed or stored
 
     @model_validator(mode="before")
     @classmethod
@@ -403,7 +405,7 @@ def iter_prompts(source: PromptSource) -> Iterator[Prompt | SkippedRow]:
         return
     seen = _SeenIds()
     good = 0
-    with fsspec.open(source.path, "rb", compression="infer", **source.storage_options) as f:
+    with fsspec.open(source.path, "rb", compression="infer", **plain_options(source.storage_options)) as f:
         for line, row, raw in _rows(f, fmt, source):
             result = row if isinstance(row, _Reason) else _row_to_prompt(row, source, line)
             if isinstance(result, Prompt):

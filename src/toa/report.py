@@ -3,7 +3,7 @@
 Everything comes from the SQL views (sql/analysis.sql, sql/summary.sql, sql/compare.sql) through
 the queries in sql/queries/report_*.sql, so the report shows exactly what a user querying the
 database sees:
-- curves.png: best reward against generations per prompt (k), against completion tokens and
+- curves.svg: best reward against generations per prompt (k), against completion tokens and
   against server seconds per prompt (what the first k generations cost, in generation order),
   one line per method; solid = expected best of k random samples (`best_of_k`), dashed = best
   of the first k in generation order (`best_of_k_prefix`, the reference's curve); each with a
@@ -11,12 +11,12 @@ database sees:
 - a pairwise table: every two methods at equal budget, the share of prompts where A's best beats
   B's (ties count half) and the mean difference of their best rewards, with 95 % bootstrap
   intervals (view `method_comparison`);
-- agent_share.png: per method, the share of prompts whose best response each agent wrote;
-- report.md (images next to it), report.html (images embedded, one file to mail or archive),
+- agent_share.svg: per method, the share of prompts whose best response each agent wrote;
+- report.md (images next to it), report.html (images inlined, one file to mail or archive),
   best_of_k.csv (the curve table, also the Prefect table artifact).
 
-Plots use matplotlib's object API (Figure, no pyplot): no global backend or figure registry,
-so building a report from a worker thread or a Prefect task is safe.
+Plots are SVG text written by toa.svgplot (no global state: safe from a worker thread or a
+Prefect task; see there why not matplotlib).
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ from typing import Any
 
 import polars as pl
 
+from toa import svgplot
 from toa.db import connect
+from toa.errors import UnknownRun
 from toa.sql import query_text
 from toa.storage import Store
 
-CURVE_STYLES = {"expected": "-", "prefix": "--"}
+CURVE_STYLES = {"expected": "solid", "prefix": "dashed"}
 
 
 @dataclass
@@ -70,18 +72,11 @@ def load_tables(store: Store, run_id: str) -> RunTables:
     finally:
         con.close()
     if frames["summary"].is_empty():
-        raise LookupError(f"run {run_id!r} has no samples in {store.url}")
+        raise UnknownRun(f"run {run_id!r} has no samples in {store.url}; `toa sql \"select distinct run_id from samples\"` lists the runs there")
     return RunTables(config=json.loads(configs[0]) if configs and configs[0] else None, **frames)
 
 
-# -- plots -----------------------------------------------------------------------------------
-def _colors(methods: list[str]) -> dict[str, Any]:
-    from matplotlib import colormaps
-
-    palette = colormaps["tab10"]
-    return {m: palette(i % 10) for i, m in enumerate(methods)}
-
-
+# -- plots (SVG text: toa.svgplot) -----------------------------------------------------------
 # The curves' x axes: (column of compare_curves, axis label, panel title).
 CURVE_AXES = (("k", "generations per prompt (k)", "Best reward vs generations"),
               ("completion_tokens", "completion tokens per prompt (first k generations)", "Best reward vs tokens"),
@@ -89,66 +84,49 @@ CURVE_AXES = (("k", "generations per prompt (k)", "Best reward vs generations"),
 # The two curves: (style key, reward column of compare_curves, its interval's columns).
 CURVE_KINDS = (("expected", "best_reward", "best_reward_lo", "best_reward_hi"),
                ("prefix", "prefix_reward", "prefix_reward_lo", "prefix_reward_hi"))
+CURVE_LEGEND = [("expected best of k random samples", "#4d4d4d", CURVE_STYLES["expected"]),
+                ("best of first k in generation order", "#4d4d4d", CURVE_STYLES["prefix"]),
+                ("95 % bootstrap interval over prompts", "#4d4d4d", "band")]
 
 
 def plot_curves(t: RunTables, path: Path, run_id: str) -> Path:
     """Three panels, one figure: best reward vs k, vs completion tokens and vs server seconds per
     prompt, each curve with its 95 % bootstrap band (the interval at each k, shaded between)."""
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
     methods = t.summary["method"].to_list()
-    colors = _colors(methods)
+    color = svgplot.colors(methods)
     curves = t.compare_curves if t.compare_curves is not None and not t.compare_curves.is_empty() else None
-    fig = Figure(figsize=(16, 4.8), layout="constrained")
-    panels = fig.subplots(1, len(CURVE_AXES))
-    for ax, (x, xlabel, title) in zip(panels, CURVE_AXES):
+    panels = []
+    for x, xlabel, title in CURVE_AXES:
+        panel = svgplot.Panel(title, xlabel, "best reward (mean over prompts)", integer_x=x == "k",
+                              legend=CURVE_LEGEND if x == "k" else [])
         for kind, y, lo, hi in CURVE_KINDS if curves is not None else ():
             for method in methods:
-                mine = curves.filter(pl.col("method") == method).drop_nulls([x, y])
-                ax.plot(mine[x], mine[y], color=colors[method], linestyle=CURVE_STYLES[kind], marker="o", markersize=3)
+                mine = curves.filter(pl.col("method") == method).drop_nulls([x, y]).sort(x)
+                panel.lines.append(svgplot.Line(mine[x].to_list(), mine[y].to_list(), color[method], CURVE_STYLES[kind]))
                 band = mine.drop_nulls([lo, hi])  # a k whose every resample was empty has no interval
-                ax.fill_between(band[x], band[lo], band[hi], color=colors[method], alpha=0.15, linewidth=0)
-        ax.set(xlabel=xlabel, ylabel="best reward (mean over prompts)", title=title)
-        ax.grid(alpha=0.3)
-    panels[0].xaxis.get_major_locator().set_params(integer=True)
-    # Methods by colour under the figure; the two curve kinds and the bands inside the left panel.
-    fig.legend(handles=[Line2D([], [], color=colors[m], label=m) for m in methods], title="method",
-               loc="outside lower center", ncols=min(len(methods), 6), frameon=False)
-    panels[0].legend(handles=[
-        Line2D([], [], color="0.3", linestyle=CURVE_STYLES["expected"], label="expected best of k random samples"),
-        Line2D([], [], color="0.3", linestyle=CURVE_STYLES["prefix"], label="best of first k in generation order"),
-        Patch(color="0.3", alpha=0.15, label="95 % bootstrap interval over prompts")], loc="lower right", fontsize=8)
-    fig.suptitle(f"toa run {run_id}")
-    fig.savefig(path, dpi=110)
+                panel.bands.append(svgplot.Band(band[x].to_list(), band[lo].to_list(), band[hi].to_list(), color[method]))
+        panels.append(panel)
+    legend = [(m, color[m], "solid") for m in methods]
+    path.write_text(svgplot.figure(panels, f"toa run {run_id}", legend, "method"), encoding="utf-8")
     return path
 
 
 def plot_agent_share(t: RunTables, path: Path, run_id: str) -> Path:
     """Grouped bars: one group per method, one bar per agent, height = share of best responses."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
     methods = t.summary["method"].to_list()
     agents = sorted(set(t.agent_share["agent"].to_list()))
-    colors = _colors(agents)
-    fig = Figure(figsize=(max(6.0, 2.0 + 0.7 * len(methods) * len(agents)), 4.2), layout="constrained")
-    ax = fig.subplots()
+    color = svgplot.colors(agents)
     width = 0.8 / max(1, len(agents))
+    panel = svgplot.Panel("", "method", "share of prompts won", xticks=list(enumerate(methods)), ylim=(0.0, 1.12))
     for j, agent in enumerate(agents):
         mine = t.agent_share.filter(pl.col("agent") == agent)
         share = dict(zip(mine["method"].to_list(), mine["share"].to_list()))
-        xs = [i + (j - (len(agents) - 1) / 2) * width for i in range(len(methods))]
-        bars = ax.bar(xs, [share.get(m) or 0.0 for m in methods], width, label=agent, color=colors[agent])
-        ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
-    ax.set_xticks(range(len(methods)), methods)
-    ax.set(ylim=(0, 1.12), ylabel="share of prompts won", title=f"Which agent wrote the best response (run {run_id})")
-    ax.grid(axis="y", alpha=0.3)
-    # Patches, not the bars: a bar container whose first bar has height 0 draws an empty key.
-    fig.legend(handles=[Patch(color=colors[a], label=a) for a in agents], title="agent", frameon=False,
-               loc="outside right upper")
-    fig.savefig(path, dpi=110)
+        for i, method in enumerate(methods):
+            value = share.get(method) or 0.0
+            panel.bars.append(svgplot.Bar(i + (j - (len(agents) - 1) / 2) * width, width, value, color[agent], f"{value:.2f}"))
+    title = f"Which agent wrote the best response (run {run_id})"
+    path.write_text(svgplot.figure([panel], title, [(a, color[a], "box") for a in agents], "agent",
+                                   panel_width=max(420, 90 * len(methods) * max(1, len(agents)))), encoding="utf-8")
     return path
 
 
@@ -277,19 +255,20 @@ def render_markdown(t: RunTables, run_id: str, images: dict[str, str]) -> str:
 
 
 def _data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    return "data:image/svg+xml;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 HTML_STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}svg{max-width:100%;height:auto}
 pre{background:#f6f6f6;padding:1em;overflow:auto}"""
 
 
 def render_html(t: RunTables, run_id: str, images: dict[str, Path]) -> str:
     title = html.escape(f"toa report: run {run_id}")
     body = [f"<h1>{title}</h1>"]
-    body += [f'<figure><img alt="{html.escape(c)}" src="{_data_uri(p)}"><figcaption>{html.escape(c)}</figcaption></figure>'
+    # the SVG documents inline: the page stays one file, and its text is searchable
+    body += [f'<figure>{p.read_text(encoding="utf-8")}<figcaption>{html.escape(c)}</figcaption></figure>'
              for c, p in images.items()]
     for name, note, df in sections(t):
         body.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(note)}</p>{html_table(df)}")
@@ -304,8 +283,8 @@ def build_report(store: Store, run_id: str, out_dir: str | Path) -> dict[str, Pa
     t = load_tables(store, run_id)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"curves": plot_curves(t, out / "curves.png", run_id),
-             "agent_share": plot_agent_share(t, out / "agent_share.png", run_id)}
+    paths = {"curves": plot_curves(t, out / "curves.svg", run_id),
+             "agent_share": plot_agent_share(t, out / "agent_share.svg", run_id)}
     captions = {"Best reward vs generations, tokens and server seconds (95 % bootstrap bands)": paths["curves"],
                 "Agent share of best responses": paths["agent_share"]}
     t.best_of_k.write_csv(out / "best_of_k.csv")

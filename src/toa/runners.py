@@ -113,3 +113,22 @@ def close_worker_engines(task_runner, close_engines: Callable[[], None]) -> dict
     except Exception as exc:  # a lost cluster: nothing left to close there
         return {"cluster": f"{type(exc).__name__}: {exc}"}
     return {w: "closed" if r is None else f"{type(r).__name__}: {r}" for w, r in done.items()}
+
+
+def lost_on_cluster(future) -> str | None:
+    """Why a (method, batch) task on Dask ended with no final state of its own, or None.
+
+    A worker process that dies mid-task never reports a state: the scheduler runs the task again
+    on another worker (up to distributed's `scheduler.allowed-failures`, 3 by default), and the
+    retried attempt replays the dead worker's journaled calls (toa.storage.ShardWriter.recover).
+    Prefect's task retries never see a worker death. Only when the scheduler gives up
+    (KilledWorker: the task took that many workers down with it) or the cluster is lost is there
+    nothing to retry; then this names it, since the task run in the API still reads Running."""
+    wrapped = getattr(future, "wrapped_future", None)
+    if wrapped is None or type(wrapped).__module__.split(".")[0] != "distributed" or not wrapped.done():
+        return None
+    try:
+        exc = wrapped.exception()
+    except Exception as lost:  # noqa: BLE001 -- cancelled: the cluster or the connection to it went away
+        exc = lost
+    return None if exc is None else f"lost on the Dask cluster: {type(exc).__name__}: {exc}"

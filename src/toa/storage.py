@@ -8,10 +8,15 @@ renamed; on object stores (s3://, gs://) a PUT is already all-or-nothing. A kill
 therefore leaves whole shards or nothing, and readers that deduplicate by content key (the
 views in sql/) never see a duplicate row. Shards let many workers on many machines write
 without a single-writer lock; DuckDB (toa.db) gives users one place to query them.
+
+Call and reward records are also journaled row by row (ShardWriter, docs/design.md §4.2): beside
+the shards on a local root, in a local spool for any other root (an object store cannot append):
+    ${TOA_HOME:-~/.cache/toa}/spool/<hash of the root>/<table>/<partition path>/journal-<id>.jsonl
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -19,13 +24,18 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import polars as pl
 
 from toa.errors import UserError
-from toa.rows import SCHEMAS, TABLES, frame
+
+if TYPE_CHECKING:
+    import polars as pl
+
+# polars and toa.rows (which builds its schemas with polars) are imported where rows are framed,
+# written or read, not here: `toa sql` needs a Store only to find the root, and polars was a
+# third of its start-up (issue "Performance at scale": select 1 in <= 0.5 s).
 
 try:
     import fcntl  # journal locks (POSIX); without it writers keep only the in-memory buffer
@@ -34,6 +44,42 @@ except ImportError:  # pragma: no cover
 
 SCHEMA_SHARD = "_schema.parquet"  # an empty shard per table so views work before any data
 
+
+
+def toa_home() -> Path:
+    """${TOA_HOME:-~/.cache/toa}: toa's own local files (spool, DuckDB files of remote roots)."""
+    return Path(os.environ.get("TOA_HOME") or Path.home() / ".cache" / "toa").expanduser()
+
+
+def spool_root(store: Store) -> Path:
+    """The local spool of a non-local root: ${TOA_HOME:-~/.cache/toa}/spool/<16 hex>, hashed
+    from the root URL and its endpoint_url (the same bucket name on two S3 servers is two
+    roots; credentials are left out, so rotating a key keeps the spool; a trailing slash is the
+    same root)."""
+    ident = json.dumps([store.url.rstrip("/"), store.endpoint])
+    return toa_home() / "spool" / hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+# fsspec option names that hold credentials (s3fs, gcsfs, adlfs, ...): a run config holds their
+# values as SecretStr, so they print and serialize masked (runs.config_json, logs, Prefect).
+CREDENTIAL_OPTIONS = frozenset({
+    "key", "secret", "token", "password", "session_token", "aws_access_key_id", "aws_secret_access_key",
+    "aws_session_token", "account_key", "sas_token", "client_secret", "connection_string", "credential",
+})
+
+
+def mask_credentials(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with the values of credential options wrapped in SecretStr (pydantic validator
+    of every storage_options field)."""
+    from pydantic import SecretStr
+
+    return {k: SecretStr(str(v)) if k in CREDENTIAL_OPTIONS and not isinstance(v, SecretStr) else v
+            for k, v in options.items()}
+
+
+def plain_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """Storage options as fsspec takes them: SecretStr values unwrapped."""
+    return {k: v.get_secret_value() if hasattr(v, "get_secret_value") else v for k, v in (options or {}).items()}
 
 
 class ResultsRootNotWritable(UserError, PermissionError):
@@ -52,12 +98,22 @@ def _plain_local_path(url: str) -> str | None:
     return url.rstrip("/")
 
 
+def _endpoint_of(url: str, options: dict[str, Any]) -> str | None:
+    """The object-store server a root's options name (s3fs: endpoint_url, top level or in
+    client_kwargs; for s3:// else botocore's AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL); None for
+    the provider's default."""
+    endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
+    if endpoint is None and url.startswith(("s3://", "s3a://")):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return None if endpoint is None else str(endpoint)
+
+
 class Store:
     def __init__(self, root_url: str, storage_options: dict[str, Any] | None = None):
         self.url = root_url
+        self.endpoint = _endpoint_of(root_url, storage_options or {})
         # credentials from a ResultsLocation block arrive as SecretStr (masked in config dumps)
-        options = {k: v.get_secret_value() if hasattr(v, "get_secret_value") else v
-                   for k, v in (storage_options or {}).items()}
+        options = plain_options(storage_options)
         plain = None if options else _plain_local_path(root_url)
         if plain is not None:  # fsspec (~0.05 s to import) is loaded when a file is first touched
             self._fs, self.root, self.local = None, plain, True
@@ -65,7 +121,13 @@ class Store:
         import fsspec
         from fsspec.implementations.local import LocalFileSystem
 
-        self._fs, root = fsspec.core.url_to_fs(root_url, **options)
+        # Every listing fresh: shards written by other processes (workers, the next run, a
+        # spool recovery) must be seen by the next read or query, never a cached folder list.
+        options.setdefault("use_listings_cache", False)
+        try:
+            self._fs, root = fsspec.core.url_to_fs(root_url, **options)
+        except ImportError as exc:  # e.g. s3:// without s3fs: fsspec names the package to install
+            raise UserError(f"results_root {root_url!r}: {exc}") from None
         self.root = root.rstrip("/")
         self.local = isinstance(self._fs, LocalFileSystem)
 
@@ -78,8 +140,31 @@ class Store:
             self._fs = LocalFileSystem()
         return self._fs
 
+    def snapshot_fs(self):
+        """The root's filesystem with a listing cache of its own, for one reader (a DuckDB
+        connection: one `toa sql` query, one report): each folder is listed once, where the
+        shared instance (no listing cache, see __init__) asks the object store again for every
+        view bound and every file opened: 106 instead of 784 requests for a report on moto's S3.
+        Shards written after its first listing are not seen through it, as in a snapshot."""
+        fs = self.fs
+        if self.local:
+            return fs
+        try:
+            return type(fs)(*fs.storage_args, **{**fs.storage_options, "use_listings_cache": True,
+                                                 "skip_instance_cache": True})
+        except TypeError:  # a filesystem that takes no such options: the shared instance
+            return fs
+
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
+
+    def journal_dir(self, *parts: str) -> Path:
+        """Where the journals of one table partition live: beside its shards on a local root;
+        for any other root (s3://, gs://, memory://) in the local spool, one folder per root
+        (docs/design.md §4.2), so journaling costs the same local append everywhere."""
+        if self.local:
+            return Path(self.path(*parts))
+        return spool_root(self).joinpath(*parts)
 
     def local_dir(self, *parts: str) -> str:
         """A folder for files written by local tools (server logs, reports, exports): inside
@@ -91,6 +176,8 @@ class Store:
     def init_tables(self) -> None:
         """Create every table folder with its empty schema shard; fails early on a root
         without write permission, before any model call is made."""
+        from toa.rows import SCHEMAS, frame
+
         for table in SCHEMAS:
             target = self.path(table, SCHEMA_SHARD)
             if not self.fs.exists(target) or self._schema_of(target) != frame(table, []).schema:
@@ -101,6 +188,8 @@ class Store:
                                           f"{type(exc).__name__}: {exc}") from exc
 
     def _schema_of(self, target: str) -> pl.Schema | None:
+        import polars as pl
+
         try:
             with self.fs.open(target, "rb") as f:
                 return pl.read_parquet_schema(f)
@@ -117,6 +206,8 @@ class Store:
         return target
 
     def write_rows(self, table: str, rows: list[Any], *parts: str) -> str:
+        from toa.rows import frame
+
         return self.write_frame(frame(table, rows), self.path(table, *parts))
 
     def write_json(self, obj: Any, *parts: str) -> None:
@@ -155,6 +246,10 @@ class Store:
 
     def read(self, table: str, *parts: str) -> pl.DataFrame:
         """Every shard below <table>/<parts...>, concatenated with the table's schema."""
+        import polars as pl
+
+        from toa.rows import SCHEMAS, frame
+
         frames = []
         for f in self.files(table, *parts):
             with self.fs.open(f, "rb") as fh:
@@ -172,11 +267,13 @@ class ShardWriter:
     `flush_s` seconds). Thread-safe: the request layer appends from the event loop, the
     flushing may happen from the task thread.
 
-    On a local results root every row is also appended to a journal (`journal-<id>.jsonl`
-    beside the shards) the moment it arrives, so a kill loses no finished call, only those in
-    flight: the next writer of the partition turns the journals of dead writers into a shard
-    (rows already in a shard skipped) before the partition is read. A live writer holds an
-    flock on its journal, so it is never taken from under it."""
+    Every row is also appended to a journal (`journal-<id>.jsonl`: beside the shards on a local
+    root, in the local spool for an object store, Store.journal_dir) the moment it arrives, so
+    a kill loses no finished call, only those in flight: the next writer of the partition turns
+    the journals of dead writers into a shard (rows already in a shard skipped) before the
+    partition is read. A live writer holds an flock on its journal, so it is never taken from
+    under it. A spool is per machine: a dead writer's spooled rows reach the store when a
+    writer of the same partition next starts on that machine (docs/design.md §4.2)."""
 
     # 1024 rows a part: at 256, 10 M samples made ~39k call parts, and the file count, not the
     # row count, set query time (benchmarks/store_scale.py); the journal keeps rows safe meanwhile.
@@ -186,9 +283,10 @@ class ShardWriter:
         self._rows: list[Any] = []
         self._lock = threading.Lock()
         self._last = time.monotonic()
-        self._journal = None  # open file of the current journal (local stores), made on first row
+        self._journal = None  # open file of the current journal, made on first row
         self.written = 0
-        self.journaled = store.local and fcntl is not None
+        self.journaled = fcntl is not None
+        self._journal_dir = store.journal_dir(table, *parts) if self.journaled else None
         if self.journaled:
             self.recover()
 
@@ -215,7 +313,7 @@ class ShardWriter:
 
     def _journal_line(self, row: Any) -> None:
         if self._journal is None:
-            path = Path(self.store.path(self.table, *self.parts, f"journal-{uuid.uuid4().hex}.jsonl"))
+            path = self._journal_dir / f"journal-{uuid.uuid4().hex}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             self._journal = open(path, "ab", buffering=0)
             fcntl.flock(self._journal, fcntl.LOCK_EX)  # released by the kernel if this process dies
@@ -225,9 +323,10 @@ class ShardWriter:
         self._journal.write(orjson.dumps(row, default=str, option=orjson.OPT_APPEND_NEWLINE))
 
     def recover(self) -> int:
-        """Write the rows of dead writers' journals in this partition as one shard (those not in
-        a shard yet), then remove the journals; returns how many rows were recovered."""
-        base = Path(self.store.path(self.table, *self.parts))
+        """Write the rows of dead writers' journals in this partition (local or spooled) as one
+        shard of the store (those not in a shard yet), then remove the journals; returns how
+        many rows were recovered."""
+        base = self._journal_dir
         if not base.is_dir():
             return 0
         # One recovery per partition at a time: a second writer (another method on the same
@@ -238,6 +337,8 @@ class ShardWriter:
             return self._recover(base)
 
     def _recover(self, base: Path) -> int:
+        from toa.rows import SCHEMAS, TABLES
+
         key = next(iter(SCHEMAS[self.table]))  # call_key / reward_key
         rows, done = [], []
         for path in sorted(base.glob("journal-*.jsonl")):

@@ -20,14 +20,16 @@ token). The score is
 A failed request (connection refused, wrong key, timeout after the client's own retries) is an
 error Score for its item; the other items of the batch still get their values.
 
-Where the judge's raw output is kept: `Score` has only value/status/error and the service drops
-`error` on ok scores, so each result is kept in `last_outputs` (a bounded dict keyed by
+Where the judge's raw output is kept: the ok Score returned by `score_batch` carries a compact
+note in `error` ("raw='7' mass=0.93 via=logprobs"), which the service records with the reward
+and replays with it; the full result is also kept in `last_outputs` (a bounded dict keyed by
 `reward_key`, newest `keep_outputs` entries, default 10000) as a `JudgeOutput` (raw text, value,
-mass, path). The ok Score returned by `score_batch` also carries a compact note in `error`
-("raw='7' mass=0.93 via=logprobs") for a caller that uses the backend directly.
+mass, path).
 
 Identity = "judge:<endpoint identity>:tpl=<template sha>[:<decoding>]": a different model,
-template or decoding setting is a different reward. Concurrency: one AsyncOpenAI client per
+template or decoding setting is a different reward. The endpoint identity carries its declared
+revision, and a model changed behind the same URL and name is caught by its behavioural
+fingerprint (toa.identity.verify_attached) before any reward is replayed. Concurrency: one AsyncOpenAI client per
 backend, up to `max_concurrency` (default 16) requests in flight; a judge is a chat model that
 batches concurrent requests on its server, so there is no benefit in a list request.
 """
@@ -38,9 +40,10 @@ import asyncio
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Iterable
+from typing import Any
 
 from toa.reward.service import error_score, reward_key
 from toa.rows import ERROR, OK, Prompt, Score
@@ -229,5 +232,14 @@ class JudgeReward:
             self.last_outputs.popitem(last=False)
 
 
-__all__ = ["JudgeReward", "JudgeOutput", "load_template", "expectation", "from_logprobs",
-           "from_text", "judge_output", "rating_of", "RATINGS"]
+__all__ = [
+    "RATINGS",
+    "JudgeOutput",
+    "JudgeReward",
+    "expectation",
+    "from_logprobs",
+    "from_text",
+    "judge_output",
+    "load_template",
+    "rating_of",
+]

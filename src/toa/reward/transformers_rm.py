@@ -31,8 +31,9 @@ places the model on "cuda:<first>"; CUDA_VISIBLE_DEVICES is process-wide (it wou
 other model in this process too, and is read only once at CUDA init), so it is not touched.
 
 Identity = "transformers:<folder label>:<12 hex>:tpl<8 hex>:<dtype>:L<max_length>", where the
-12 hex hash config.json's bytes, any custom-code .py files' bytes and weight files' sizes (cheap:
-no hashing of gigabytes at start-up) and tpl hashes the chat template text.
+12 hex are the content hash of the folder's weights, tokenizer, templates, configs and custom
+code (toa.identity.folder_digest: a same-size fine-tune is a new reward; hashed once per file
+version, then cached) and tpl hashes the chat template text.
 
 The tokenizer loads at construction (cheap; the identity needs its template); the model loads
 lazily, once, under a lock; scoring runs in asyncio.to_thread so the event loop stays free.
@@ -48,12 +49,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from toa.identity import folder_digest
 from toa.reward.service import reward_key
 from toa.rows import OK, Prompt, Score
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_MAX_LENGTH_CAP = 4096
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def _offline() -> None:
@@ -72,15 +73,8 @@ def resolve_device(device: str = "cpu", gpus: list[int] | None = None) -> str:
 
 
 def weights_fingerprint(folder: Path) -> str:
-    """sha256 over config.json bytes, custom-code .py bytes and weight-file sizes, 12 hex."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        rel = str(path.relative_to(folder))
-        if path.name == "config.json" or path.suffix == ".py":
-            h.update(f"{rel}:".encode() + path.read_bytes())
-        elif path.suffix in _WEIGHT_SUFFIXES:
-            h.update(f"{rel}:{path.stat().st_size};".encode())
-    return h.hexdigest()[:12]
+    """The content hash of the model folder (toa.identity.folder_digest), 12 hex."""
+    return folder_digest(folder)[:12]
 
 
 def default_max_length(tokenizer: Any, config: dict) -> int:
@@ -211,4 +205,4 @@ def reward_values(out: Any) -> list[float]:
     return [float(x) for x in score.float().reshape(-1).tolist()]
 
 
-__all__ = ["TransformersReward", "reward_values", "resolve_device", "weights_fingerprint"]
+__all__ = ["TransformersReward", "resolve_device", "reward_values", "weights_fingerprint"]

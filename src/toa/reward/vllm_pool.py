@@ -21,8 +21,10 @@ Defaults and why:
   `score_batch` (the service records error Scores) rather than quietly starting a new server.
 
 Identity = "vllm:<served model identity>" (servers.vllm.model_identity for a launched or local
-model: served name + hash of config and weight file names/sizes + chat template hash; for an
-attached one, the Endpoint's identity), plus ":label=<i>" when label_index is not 0.
+model: served name + content hash of the folder's weights, tokenizer and configs, cached per
+file version (toa.identity) + chat template hash; for an attached one, the Endpoint's identity,
+with its declared revision, its behavioural fingerprint checked by toa.identity.verify_attached
+before the run), plus ":label=<i>" when label_index is not 0.
 """
 
 from __future__ import annotations
@@ -221,4 +223,4 @@ class VllmReward:
         return Score(float(probs[self.label_index]), OK, None)
 
 
-__all__ = ["VllmReward", "pooling_spec", "launched_identity", "POOLING_FLAGS"]
+__all__ = ["POOLING_FLAGS", "VllmReward", "launched_identity", "pooling_spec"]

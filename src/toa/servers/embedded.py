@@ -16,11 +16,12 @@ second call only checks that the folder exists. transformers/torch are imported 
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from toa.storage import toa_home
 
 EMBEDDED_MODELS = ("smollm2-135m-instruct", "gemma3-270m")
 _DONE_MARKER = ".toa-converted"
@@ -64,10 +65,6 @@ GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
     {{ '<start_of_turn>model\\n' }}
 {%- endif -%}
 """
-
-
-def toa_home() -> Path:
-    return Path(os.environ.get("TOA_HOME") or Path.home() / ".cache" / "toa").expanduser()
 
 
 def ensure_embedded_model(name: str, cache_dir: Path | None = None) -> Path:

@@ -201,10 +201,19 @@ class AttachSpec(BaseModel):
     supports_logprobs: bool = Field(
         True, description="Whether to ask for token logprobs (some hosted reasoning models refuse them)."
     )
+    revision: str | None = Field(
+        None, description="Changes results. The model's version as you name it (a commit, a date, "
+        "a checkpoint step). Part of the endpoint's identity: calls recorded under another "
+        "revision are not replayed. Set it when you redeploy a different model behind the same "
+        "URL and name; without it toa's behavioural fingerprint refuses the replay instead.",
+        pattern=r"^[A-Za-z0-9_.:@+/-]+$",
+    )
 
     def fingerprint(self) -> dict[str, str]:
-        """What changes results: which server and model. Keys and where they come from do not."""
-        return {"base_url": self.base_url, "model": self.model}
+        """What changes results: which server, model and declared revision. Keys and where they
+        come from do not. The revision enters only when set, so existing run ids stay."""
+        return {"base_url": self.base_url, "model": self.model,
+                **({"revision": self.revision} if self.revision else {})}
 
 
 def place_cpu_servers(specs: dict[str, LaunchSpec]) -> dict[str, LaunchSpec]:

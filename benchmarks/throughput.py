@@ -117,10 +117,12 @@ async def replay_requests(base_url: str, model: str, key: str, root: Path, concu
 
 # ---------------------------------------------------------------------------- (b), (c) the flow
 def agents_for(base_url: str, model: str, key_env: str, aliases: list[str], sampling: dict, concurrency: int) -> list[dict]:
-    # Two aliases of one server differ in temperature by a hair so each is its own agent.
+    # Two aliases of one server differ in temperature by a hair so each is its own agent. A fixed
+    # in-flight limit, as the raw client has: the adaptive one (on by default for attached
+    # endpoints, toa.aimd) starts at 8 and would measure its ramp, not the orchestration.
     return [{"alias": a, "endpoint": {"base_url": base_url, "model": model, "api_key_env": key_env},
              "sampling": {**sampling, "temperature": sampling["temperature"] + 0.01 * i},
-             "max_concurrency": concurrency} for i, a in enumerate(aliases)]
+             "max_concurrency": concurrency, "adaptive_concurrency": False} for i, a in enumerate(aliases)]
 
 
 def run_flow(root: Path, prompts_file: Path, agents: list[dict], method: str, n: int, batch_size: int,

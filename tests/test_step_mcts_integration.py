@@ -69,7 +69,14 @@ def test_samples_and_tree_in_duckdb(first, setup):
     nodes = query(store, "select * from tree_nodes where run_id = ? and method = 'step_mcts'", [first["run_id"]])
     roots = nodes.filter(pl.col("kind") == "root")
     assert roots.height == 2 and set(roots["visits"]) == {SIMS}
-    assert nodes["depth"].max() >= 2  # a visited step was expanded: partial answers were continued
+    # A step selected again (visits >= 2; simulations run one at a time here) was expanded: its
+    # partial answer continued. Whether the model's first steps leave one unfinished varies with
+    # the server's batching, so this holds for every such step rather than asking for depth 2.
+    parents = set(nodes.filter(pl.col("parent_id").is_not_null()).select("prompt_id", "parent_id").iter_rows())
+    revisited = nodes.filter((pl.col("kind") == "step") & (pl.col("visits") >= 2)
+                             & (pl.col("depth") < OPTIONS["max_depth"]))
+    assert set(revisited.select("prompt_id", "node_id").iter_rows()) <= parents  # node ids are per prompt
+    assert nodes.filter(pl.col("kind") != "root")["depth"].min() == 1  # the roots were expanded
 
 
 def test_continuation_requests_succeeded(first, setup):

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 
 import polars as pl
 
@@ -159,3 +161,14 @@ INTEL_AVX512_NO_BF16 = frozenset("avx avx2 fma avx512f avx512_vnni".split())
 
 def fake_cpu(flags=INTEL_AMX, cores=(0, 1), arch="x86_64") -> CpuInfo:
     return CpuInfo(model="test CPU", arch=arch, flags=frozenset(flags), cores=tuple(cores))
+
+
+def wait_until(condition, timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    """Poll `condition` until it holds (no fixed sleeps for readiness); fail after `timeout_s`,
+    or at once when `proc` (a `toa run` with its output piped) has ended, showing its output."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"toa run ended before {what}:\n{proc.stdout.read().decode()[-3000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)

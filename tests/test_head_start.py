@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from helpers import wait_until
 from openai_double import OpenAIDouble
 from test_stopping import (
     CALLS,
@@ -24,7 +25,6 @@ from test_stopping import (
     rerun_makes_only_the_missing_calls,
     slow_run_file,
     toa_run,
-    wait_until,
 )
 
 from toa import engine, stopping

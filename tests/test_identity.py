@@ -235,6 +235,9 @@ def test_logprob_noise_below_the_rounding_keeps_the_fingerprint(tmp_path, stub):
     stub.logprobs = [lp + 0.004 for lp in stub.logprobs]  # batch noise on a GPU server
     new_process()
     assert [c.outcome for c in verify_attached(cfg, endpoints_of(cfg), run="r")] == ["same"]
+    stub.logprobs = [lp - 0.1 for lp in stub.logprobs]  # noise across a rounding boundary: one step
+    new_process()
+    assert [c.outcome for c in verify_attached(cfg, endpoints_of(cfg), run="r")] == ["same"]
     stub.logprobs = [-0.01, -0.52, -2.3]  # one token 1 nat less likely: another model
     new_process()
     with pytest.raises(ModelChanged):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from helpers import call_row
+from helpers import call_row, wait_until
 from openai_double import OpenAIDouble
 
 from toa.db import query
@@ -32,16 +32,6 @@ from toa.storage import ShardWriter, Store, spool_root
 KEY = "sk-double-key"
 S3_KEY, S3_SECRET = "toa-test-access-key", "toa-test-secret-7f3c9a"  # moto takes any credentials
 TESTS = Path(__file__).parent
-
-
-def wait_until(condition, timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    """Poll `condition` until it holds; fail after `timeout_s` or when `proc` has ended."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"toa run ended before {what}:\n{proc.stdout.read().decode()[-3000:]}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def journals(folder: Path) -> list[Path]:

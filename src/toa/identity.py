@@ -41,9 +41,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toa.errors import UserError
-from toa.servers.attach import Fingerprint, ProbeUnanswered, attach, fingerprint
-from toa.servers.embedded import toa_home
+from toa.servers.attach import (
+    LOGPROB_DECIMALS,
+    Fingerprint,
+    ProbeUnanswered,
+    attach,
+    fingerprint,
+)
 from toa.servers.spec import Endpoint
+from toa.storage import toa_home
 
 if TYPE_CHECKING:
     from toa.storage import Store
@@ -224,14 +230,14 @@ def check_endpoint(store: Store, alias: str, endpoint: Endpoint, kind: str = "ch
     record_path = (*RECORDS, f"{_record_key(endpoint.identity, kind)}.json")
     record = store.read_json(*record_path) if store.exists(*record_path) else None
     try:
-        seen = _probe(endpoint, kind, want=record["fingerprint"] if record else None)
+        seen = _probe(endpoint, kind, want=record)
     except ProbeUnanswered as exc:
         return Checked(alias, endpoint.identity, "unchecked", None, note=str(exc))
     if record is None:
         store.write_json(_new_record(alias, endpoint, kind, seen), *record_path)
         return Checked(alias, endpoint.identity, "recorded", seen.value)
     old = record["fingerprint"]
-    if seen.value == old:
+    if seen.value == old or same_answer(record.get("answer"), seen.answer):
         return _ACCEPTED.get((store.path(*record_path), old)) or Checked(alias, endpoint.identity, "same", old)
     if not accepted:
         raise ModelChanged(_changed_message(alias, endpoint, record, seen))
@@ -241,29 +247,66 @@ def check_endpoint(store: Store, alias: str, endpoint: Endpoint, kind: str = "ch
     return checked
 
 
+def same_answer(recorded: dict[str, Any] | None, seen: dict[str, Any]) -> bool:
+    """Whether two probe answers are one model's though their hashes differ: the same model name,
+    text (scores) and finish reason, and every rounded logprob (score) at most one rounding step
+    apart. Batch noise moves a value by ~1e-3, which now and then crosses a rounding boundary
+    (-0.149 and -0.151 round to -0.1 and -0.2: 8 tokens, a few % of probes on a busy server); a
+    different model changes the text or moves the values by far more."""
+    if not isinstance(recorded, dict) or recorded.keys() != seen.keys():
+        return False
+    step = 10.0 ** -LOGPROB_DECIMALS + 1e-9
+    for key in recorded:
+        old, new = recorded[key], seen[key]
+        if key in ("logprobs", "scores") and old and new:
+            flat_old, flat_new = _numbers(old), _numbers(new)
+            if len(flat_old) != len(flat_new) or not all(_close(a, b, step) for a, b in zip(flat_old, flat_new)):
+                return False
+        elif old != new:
+            return False
+    return True
+
+
+def _close(a: Any, b: Any, step: float) -> bool:
+    numbers = isinstance(a, (int, float)) and isinstance(b, (int, float))
+    return abs(a - b) <= step if numbers else a == b
+
+
+def _numbers(nested: Any) -> list[Any]:
+    """The leaves of a nested list: tokens (str) and rounded values (float)."""
+    if isinstance(nested, list):
+        return [leaf for item in nested for leaf in _numbers(item)]
+    return [nested]
+
+
 def _record_key(identity: str, kind: str) -> str:
     # the probe kind too: one server probed as a chat model and as a classifier answers both
     return hashlib.sha256(f"{identity}\0{kind}".encode()).hexdigest()[:16]
 
 
-def _probe(endpoint: Endpoint, kind: str, want: str | None) -> Fingerprint:
-    """The endpoint's fingerprint: `want` if any probe of this process (within PROBE_TTL_S)
-    gave it, probing again while fewer than MAX_PROBES were made; else the latest probe.
-    Raises ProbeUnanswered when no probe got an answer."""
+def _probe(endpoint: Endpoint, kind: str, want: dict[str, Any] | None) -> Fingerprint:
+    """The endpoint's fingerprint: one that matches the recorded probe `want` (its fingerprint,
+    or an answer within `same_answer`) if any probe of this process (within PROBE_TTL_S) gave
+    it, probing again while fewer than MAX_PROBES were made; else the latest probe. Raises
+    ProbeUnanswered when no probe got an answer."""
     key = (endpoint.base_url, endpoint.model, endpoint.identity, kind,
            hashlib.sha256(endpoint.api_key.get_secret_value().encode()).hexdigest())
     with _PROBES_LOCK:
         now = time.monotonic()
         seen = [(t, fp) for t, fp in _PROBES.get(key, []) if now - t < PROBE_TTL_S]
         _PROBES[key] = seen
-    while not seen or (want is not None and want not in {fp.value for _, fp in seen} and len(seen) < MAX_PROBES):
+
+    def matches(fp: Fingerprint) -> bool:
+        return want is not None and (fp.value == want["fingerprint"] or same_answer(want.get("answer"), fp.answer))
+
+    while not seen or (want is not None and not any(matches(fp) for _, fp in seen) and len(seen) < MAX_PROBES):
         try:
             seen.append((time.monotonic(), fingerprint(endpoint, kind)))
         except ProbeUnanswered:
             if not seen:
                 raise
             break  # a mismatch already seen stands
-    match = [fp for _, fp in seen if fp.value == want]
+    match = [fp for _, fp in seen if matches(fp)]
     return match[0] if match else seen[-1][1]
 
 

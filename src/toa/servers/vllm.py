@@ -37,7 +37,7 @@ import httpx
 from pydantic import SecretStr
 
 from toa import stopping
-from toa.servers.embedded import ensure_embedded_model, toa_home
+from toa.servers.embedded import ensure_embedded_model
 from toa.servers.machine import omp_bind
 from toa.servers.process import group_alive, spawn, stop_group
 from toa.servers.spec import (
@@ -47,6 +47,7 @@ from toa.servers.spec import (
     chat_template_text,
     sha256_text,
 )
+from toa.storage import toa_home
 
 __all__ = ["ServerHandle", "ServerStartError", "group_alive", "start_vllm"]
 

@@ -9,9 +9,10 @@ The layout is the engine's (toa.engine._write_outputs, toa.storage.ShardWriter):
     calls/batch=<batch>/part-<uuid>.parquet       every method's calls of a batch, flush_rows per part
     prompts/source=<s>/<batch>.parquet, runs/run=<id>/<t>.parquet
 Each sample is one generation, so it brings one `calls` row: "rows" counts samples, and the write
-rate is samples (with their call rows) per second of writer time. The writer is Store.write_frame
-of rows.frame over typed rows, as the engine calls it; the call parts are written as ShardWriter
-flushes them, without its per-row crash journal (a cost of the live run, not of the store).
+rate is samples (with their call rows) per second of writer time. The writer is the engine's:
+Store.write_rows over typed rows for the samples shard, a ShardWriter (whose writer threads
+encode the parts) for the calls, without its per-row crash journal (a cost of the live run, not
+of the store).
 
 Text is random words of a Zipf-distributed vocabulary (about the compressibility of real text),
 sliced from one corpus built with numpy, so that making rows costs little next to writing them;
@@ -37,15 +38,14 @@ import numpy as np
 from toa.config import RunConfig, load_config
 from toa.datasets import build_dpo, build_sft, dpo_jsonl, sft_jsonl
 from toa.db import create_views, query
-from toa.rows import CallRecord, PromptRow, RunRecord, SampleRow, content_key, frame
+from toa.rows import CallRecord, PromptRow, RunRecord, SampleRow, content_key
 from toa.servers.machine import cpu_info
-from toa.storage import Store
+from toa.storage import WRITER_THREADS, ShardWriter, Store
 
 RUN_ID = "scale"
 SOURCE = "synthetic"
 AGENTS = ("agent_a", "agent_b", "agent_c", "agent_d")
 METHODS = ("random", "parallel_ensemble", "moa", "toa")
-FLUSH_ROWS = 256  # ShardWriter's default part size
 
 
 def parse_args() -> argparse.Namespace:
@@ -155,17 +155,17 @@ def make_rows(synth: Synth, method: str, prompts: list[PromptRow], per_prompt: i
 
 
 def write_unit(store: Store, timer: Timer, method: str, batch: str, samples: list, calls: list) -> None:
-    """What the engine writes for one (method, batch): the samples shard, and the calls as the
-    ShardWriter's part files."""
-    with timer("samples frame"):
-        df = frame("samples", samples)
-    with timer("samples parquet"):
-        store.write_frame(df, store.path("samples", f"run={RUN_ID}", f"method={method}", f"{batch}.parquet"))
-    for start in range(0, len(calls), FLUSH_ROWS):
-        with timer("calls frame"):
-            df = frame("calls", calls[start:start + FLUSH_ROWS])
-        with timer("calls parquet"):
-            store.write_frame(df, store.path("calls", f"batch={batch}", f"part-{uuid.uuid4().hex}.parquet"))
+    """What the engine writes for one (method, batch) (toa.engine.run_batch): the calls through
+    a ShardWriter, whose part files are encoded by the writer threads while the next rows come,
+    then the samples shard, then the wait for the call parts."""
+    sink = ShardWriter(store, "calls", f"batch={batch}", journal=False)
+    with timer("calls"):
+        for call in calls:
+            sink.append(call)
+    with timer("samples"):
+        store.write_rows("samples", samples, f"run={RUN_ID}", f"method={method}", f"{batch}.parquet")
+    with timer("calls"):
+        sink.flush()
 
 
 def write_store(store: Store, args: argparse.Namespace) -> tuple[int, Timer]:
@@ -269,14 +269,11 @@ def write_and_report(store: Store, args: argparse.Namespace) -> float:
     rows, timer = write_store(store, args)
     with timer("views"):
         create_views(store)
-    wall, parquet = timer.wall["write"], timer.total("samples parquet", "calls parquet")
+    wall = timer.wall["write"]
     print(f"generate: {timer.wall['generate']:.1f} s ({rows / timer.wall['generate']:,.0f} rows/s), not counted as writing")
-    for table in ("samples", "calls"):
-        spent = timer.total(f"{table} frame", f"{table} parquet")
-        print(f"write {table}: {rows / spent:,.0f} rows/s (rows.frame {timer.wall[f'{table} frame'] / spent:.0%}, "
-              f"parquet write {timer.wall[f'{table} parquet'] / spent:.0%})")
     print(f"write: {rows:,} samples, each with its calls row, in {wall:.1f} s = {rows / wall:,.0f} rows/s "
-          f"({rows / timer.cpu['write']:,.0f} per CPU second; {parquet / wall:.0%} of it in parquet write); "
+          f"({rows / timer.cpu['write']:,.0f} per CPU second, {WRITER_THREADS} writer threads; samples shards "
+          f"{timer.wall['samples'] / wall:.0%} of the wall, calls parts {timer.wall['calls'] / wall:.0%}); "
           f"create_views {timer.wall['views']:.2f} s; {du(store.root) / 1e9:.2f} GB on disk")
     return rows / wall
 

@@ -117,6 +117,22 @@ def test_a_typed_row_round_trips_through_parquet(tmp_path, table):
     assert [TABLES[table](**r) for r in df.iter_rows(named=True)] == [row]
 
 
+@pytest.mark.parametrize("table", list(TABLES))
+def test_write_rows_by_arrow_reads_back_as_the_polars_frame_of_the_rows(tmp_path, table):
+    store = Store(str(tmp_path))
+    rows = [example(table), dataclasses.asdict(example(table))]  # a typed row and a dict row
+    store.write_rows(table, rows, "by=arrow", "x.parquet")
+    store.write_frame(frame(table, rows), store.path(table, "by=polars", "x.parquet"))
+    assert store.read(table, "by=arrow").equals(store.read(table, "by=polars"))
+
+
+def test_write_rows_converts_a_mistyped_value_as_frame_does(tmp_path):
+    store = Store(str(tmp_path))
+    row = {**dataclasses.asdict(PromptRow(prompt_id="p", text="t", batch="b")), "prompt_id": 7}  # an int id
+    store.write_rows("prompts", [row], "source=s", "b.parquet")
+    assert store.read("prompts")["prompt_id"].to_list() == frame("prompts", [row])["prompt_id"].to_list() == ["7"]
+
+
 def test_nulls_round_trip_where_a_column_may_be_null(tmp_path):
     store = Store(str(tmp_path))
     row = PromptRow(prompt_id="p", text="t", batch="b")  # reference: None

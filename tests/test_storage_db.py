@@ -46,6 +46,23 @@ def test_calls_view_deduplicates_keeping_the_success(tmp_path):
     assert attempts["n"][0] == 2  # the failed attempt is still there to count
 
 
+def test_a_part_written_in_the_background_that_fails_raises_at_flush_and_keeps_its_rows(tmp_path, monkeypatch):
+    store = Store(str(tmp_path))
+    writer = ShardWriter(store, "calls", "batch=b", flush_rows=2)
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "write_rows", full_disk)
+    writer.append(call("k1"))
+    writer.append(call("k2"))  # due: handed to a writer thread, which fails
+    with pytest.raises(OSError, match="No space left"):
+        writer.flush()
+    monkeypatch.undo()
+    assert ShardWriter(store, "calls", "batch=b").recover() == 0  # the next writer already took the journal
+    assert sorted(store.read("calls", "batch=b")["call_key"].to_list()) == ["k1", "k2"]
+
+
 def test_method_summary_from_samples(tmp_path):
     store = Store(str(tmp_path))
     rows = []

@@ -54,7 +54,6 @@ from toa.rows import (
     RewardRecord,
     Sample,
     Score,
-    frame,
     sample_row,
 )
 from toa.servers import Endpoint
@@ -464,10 +463,10 @@ def _write_outputs(store: Store, run_id: str, method: str, batch: str, outputs) 
             table_rows.setdefault(table, []).extend(rows)
     stats.samples = len(sample_rows) - stats.method_errors
     # Deterministic names: a retry overwrites the same shard instead of adding a second copy.
-    store.write_frame(frame("samples", sample_rows), store.path("samples", f"run={run_id}", f"method={method}", f"{batch}.parquet"))
+    store.write_rows("samples", sample_rows, f"run={run_id}", f"method={method}", f"{batch}.parquet")
     for table, rows in table_rows.items():
         if rows:
-            store.write_frame(frame(table, rows), store.path(table, f"run={run_id}", f"method={method}", f"{batch}.parquet"))
+            store.write_rows(table, rows, f"run={run_id}", f"method={method}", f"{batch}.parquet")
     return stats
 
 

@@ -24,15 +24,19 @@ reward stays None and is never turned into 0.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import operator
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 OK = "ok"
 ERROR = "error"
@@ -498,6 +502,36 @@ def frame(table: str, rows: list[Any]) -> pl.DataFrame:
         return pl.DataFrame(values, schema=schema, orient="row")
 
 
+# Columns of free text or unique ids: Store.write_rows writes them without a dictionary (one
+# never pays for them) and without min/max statistics (no filter skips a row group by them);
+# every other column (names, statuses, numbers) repeats and gets both.
+PLAIN_COLUMNS = frozenset({
+    "call_key", "reward_key", "sample_id", "parent_id", "node_id", "response_sha", "request_json", "text",
+    "prompt", "response", "chosen", "rejected", "messages", "prompt_messages", "reference", "raw"})
+
+
+def arrow(table: str, rows: list[Any]) -> tuple[pa.Table, list[str]]:
+    """Rows as an Arrow table of the table's exact schema (what `frame` gives, read back the
+    same), and the columns worth a dictionary. Straight from the rows to Arrow: building a
+    polars frame first cost a quarter more of a shard's write (benchmarks/store_scale.py)."""
+    import pyarrow as pa
+
+    schema = _arrow_schema(table)
+    dictionary = [c for c in schema.names if c not in PLAIN_COLUMNS]
+    if not rows:
+        return schema.empty_table(), dictionary
+    columns = zip(*(_values(table, r) for r in rows))
+    try:
+        return pa.Table.from_arrays([pa.array(v, type=f.type) for v, f in zip(columns, schema)], schema=schema), dictionary
+    except (pa.ArrowTypeError, pa.ArrowInvalid):  # an int in a str column: converted as frame converts it
+        return frame(table, rows).to_arrow().cast(schema), dictionary
+
+
+@functools.cache
+def _arrow_schema(table: str) -> pa.Schema:
+    return frame(table, []).to_arrow().schema
+
+
 def conform(table: str, df: pl.DataFrame) -> pl.DataFrame:
     """A computed frame (joins, group-bys) as the table's rows: its columns in the table's order
     and dtypes (a count comes out of polars as UInt32, the table holds Int64). Helper columns of
@@ -568,6 +602,8 @@ __all__ = [
     "ValueTarget",
     "ValueTargetRow",
     "VerdictRow",
+    "PLAIN_COLUMNS",
+    "arrow",
     "conform",
     "content_key",
     "frame",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import polars as pl
 
 from toa.reward import math_verify as mv
-from toa.rows import OK, SKIPPED, Prompt, VerdictRow, frame
+from toa.rows import OK, SKIPPED, Prompt, VerdictRow
 from toa.storage import Store
 
 VERIFIER = mv.IDENTITY
@@ -62,7 +62,7 @@ def write_verdicts(store: Store, run_id: str, prompt_source: str) -> int:
     prompts = {r["prompt_id"]: Prompt(**{k: r[k] for k in ("prompt_id", "text", "reference", "source", "line")})
                for r in store.read("prompts", f"source={prompt_source}").iter_rows(named=True)}
     rows = verdict_rows(samples, prompts)
-    store.write_frame(frame("verdicts", rows), store.path("verdicts", f"run={run_id}", "verdicts.parquet"))
+    store.write_rows("verdicts", rows, f"run={run_id}", "verdicts.parquet")
     return len(rows)
 
 

@@ -30,7 +30,6 @@ import shutil
 import statistics
 import tempfile
 import time
-import uuid
 from contextlib import contextmanager
 
 import numpy as np

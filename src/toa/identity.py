@@ -237,7 +237,7 @@ def check_endpoint(store: Store, alias: str, endpoint: Endpoint, kind: str = "ch
         store.write_json(_new_record(alias, endpoint, kind, seen), *record_path)
         return Checked(alias, endpoint.identity, "recorded", seen.value)
     old = record["fingerprint"]
-    if seen.value == old or same_answer(record.get("answer"), seen.answer):
+    if _matches(record, seen):
         return _ACCEPTED.get((store.path(*record_path), old)) or Checked(alias, endpoint.identity, "same", old)
     if not accepted:
         raise ModelChanged(_changed_message(alias, endpoint, record, seen))
@@ -245,6 +245,12 @@ def check_endpoint(store: Store, alias: str, endpoint: Endpoint, kind: str = "ch
     checked = Checked(alias, endpoint.identity, "accepted", seen.value, previous=old)
     _ACCEPTED[(store.path(*record_path), seen.value)] = checked
     return checked
+
+
+def _matches(record: dict[str, Any], seen: Fingerprint) -> bool:
+    """Whether a probe is the recorded model's: the same fingerprint, or an answer within
+    `same_answer` of the recorded one."""
+    return seen.value == record["fingerprint"] or same_answer(record.get("answer"), seen.answer)
 
 
 def same_answer(recorded: dict[str, Any] | None, seen: dict[str, Any]) -> bool:
@@ -295,18 +301,14 @@ def _probe(endpoint: Endpoint, kind: str, want: dict[str, Any] | None) -> Finger
         now = time.monotonic()
         seen = [(t, fp) for t, fp in _PROBES.get(key, []) if now - t < PROBE_TTL_S]
         _PROBES[key] = seen
-
-    def matches(fp: Fingerprint) -> bool:
-        return want is not None and (fp.value == want["fingerprint"] or same_answer(want.get("answer"), fp.answer))
-
-    while not seen or (want is not None and not any(matches(fp) for _, fp in seen) and len(seen) < MAX_PROBES):
+    while not seen or (want is not None and not any(_matches(want, fp) for _, fp in seen) and len(seen) < MAX_PROBES):
         try:
             seen.append((time.monotonic(), fingerprint(endpoint, kind)))
         except ProbeUnanswered:
             if not seen:
                 raise
             break  # a mismatch already seen stands
-    match = [fp for _, fp in seen if matches(fp)]
+    match = [fp for _, fp in seen if want is not None and _matches(want, fp)]
     return match[0] if match else seen[-1][1]
 
 

@@ -11,8 +11,8 @@ One vLLM server (started here, or --base-url/--model-name/--api-key-env to attac
             without and with token logprobs (toa asks for them: exact per-choice token counts);
   (b) toa random: the `toa` flow (real Prefect API, Parquet record) on the same prompts and N;
   (c) toa toa: the flow's TOA method (MCTS over two aliases of the same server, width 2) with all
-            prompts of a batch in flight; the two aliases share the --concurrency limit (half
-            each), so the server never sees more requests in flight than the raw client sends;
+            prompts of a batch in flight; the two aliases, one endpoint, share its --concurrency
+            limit, so the server never sees more requests in flight than the raw client sends;
   (d) replay: the raw client sending the exact requests (c) recorded (its longer refinement
             prompts, n=1 each), all at once, --concurrency in flight: the best the server does on
             TOA's request mix without TOA's dependencies (a tree's step waits for its parent), so
@@ -96,12 +96,15 @@ async def raw_client(base_url: str, model: str, key: str, prompts: list[str], n:
 
 
 async def replay_requests(base_url: str, model: str, key: str, root: Path, concurrency: int) -> tuple[int, float]:
-    """(d): the recorded requests of a run, re-sent by the raw client as fast as it allows."""
+    """(d): the recorded requests of a run, re-sent by the raw client as fast as it allows, in
+    the order the run sent them (a call went out latency_s before it was recorded)."""
+    import polars as pl
     from openai import AsyncOpenAI
 
     from toa.storage import Store
 
-    calls = Store(str(root)).read("calls").unique("call_key")
+    calls = (Store(str(root)).read("calls").unique("call_key", keep="first")
+             .sort(pl.col("created_at") - pl.col("latency_s")))
     requests = [(json.loads(r["request_json"]), r["seed"]) for r in calls.iter_rows(named=True)]
     client = AsyncOpenAI(base_url=base_url, api_key=key, timeout=600, max_retries=0)
     limit = asyncio.Semaphore(concurrency)
@@ -120,14 +123,32 @@ async def replay_requests(base_url: str, model: str, key: str, root: Path, concu
 
 # ---------------------------------------------------------------------------- (b), (c) the flow
 def agents_for(base_url: str, model: str, key_env: str, aliases: list[str], sampling: dict, concurrency: int) -> list[dict]:
-    # Aliases of one server differ in temperature by a hair so each is its own agent; they split
-    # `concurrency` so the server sees the raw client's load. A fixed in-flight limit, as the raw
-    # client has: the adaptive one (on by default for attached endpoints, toa.aimd) starts at 8
-    # and would measure its ramp, not the orchestration.
-    share = max(1, concurrency // len(aliases))
+    # Aliases of one server differ in temperature by a hair so each is its own agent; being one
+    # endpoint they share one limit of `concurrency` (toa.engine.make_clients), so the server
+    # sees the raw client's load. A fixed in-flight limit, as the raw client has: the adaptive
+    # one (on by default for attached endpoints, toa.aimd) starts at 8 and would measure its
+    # ramp, not the orchestration.
     return [{"alias": a, "endpoint": {"base_url": base_url, "model": model, "api_key_env": key_env},
              "sampling": {**sampling, "temperature": sampling["temperature"] + 0.01 * i},
-             "max_concurrency": share, "adaptive_concurrency": False} for i, a in enumerate(aliases)]
+             "max_concurrency": concurrency, "adaptive_concurrency": False} for i, a in enumerate(aliases)]
+
+
+def underfed_share(root: Path, concurrency: int) -> float:
+    """The share of a run's span during which fewer than `concurrency` requests were wanted
+    (sent or waiting for a slot): a call wants one from (created_at - latency_s) to created_at.
+    What is left of TOA's dependencies (a tree's step waits for its parent) once the limit is
+    shared: the tail of the run, where fewer trees than slots are left."""
+    from toa.storage import Store
+
+    calls = Store(str(root)).read("calls")
+    events = sorted([(end - latency, 1) for end, latency in zip(calls["created_at"], calls["latency_s"])]
+                    + [(end, -1) for end in calls["created_at"]])
+    wanted, under, last = 0, 0.0, events[0][0]
+    for at, step in events:
+        if wanted < concurrency:
+            under += at - last
+        wanted, last = wanted + step, at
+    return under / (events[-1][0] - events[0][0])
 
 
 def run_flow(root: Path, prompts_file: Path, agents: list[dict], method: str, n: int, batch_size: int,
@@ -275,6 +296,7 @@ def benchmark(args) -> None:
             rerun = run_flow(work / "random", prompts_file, one, "random", N, args.batch_size, reward)
             toa_file = write_prompts(load_prompts(args.toa_prompts), work / "toa_prompts.jsonl")
             tree = phase("(c) toa toa", lambda: run_flow(work / "toa", toa_file, two, "toa", N // 2, args.toa_prompts, reward, {"width": 2}))
+            underfed = underfed_share(work / "toa", args.concurrency)
             replay = phase("(d) raw replay of (c)'s requests", lambda: asyncio.run(replay_requests(base_url, model, key, work / "toa", args.concurrency)))
     finally:
         if handle is not None:
@@ -294,6 +316,7 @@ def benchmark(args) -> None:
     print(f"c/d (TOA against the raw client replaying its requests, goal >= 0.90): "
           f"{tree[0] / tree[1] / (replay[0] / replay[1]):.3f}; TOA: {args.toa_prompts} prompts, n={N // 2} x 2 agents, "
           f"width 2, {args.concurrency} in flight in all")
+    print(f"(c) wanted fewer than {args.concurrency} requests in flight for {underfed:.1%} of its calls' span")
     print(f"rerun of the finished random run: {rerun[1]:.2f} s = {rerun[1] / rnd[1]:.1%} of the first run "
           f"({rerun[0]} new tokens)")
     for count in args.memory:

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from toa.config import ConfigError, RunConfig
 from toa.reward.config import RewardConfig
+from toa.run_file import ResultsFields
 
 
 def resolve_blocks(cfg: RunConfig) -> RunConfig:
@@ -24,10 +25,18 @@ def resolve_blocks(cfg: RunConfig) -> RunConfig:
     if cfg.reward.block:
         update["reward"] = _reward_from_block(cfg.reward)
     if cfg.results_block:
-        location = _load("results_block", "ResultsLocation", cfg.results_block)
-        update["results_root"] = location.url
-        update["storage_options"] = {**location.options(), **cfg.storage_options}
+        update.update(_results_from_block(cfg))
     return cfg.model_copy(update=update) if update else cfg
+
+
+def resolve_results(fields: ResultsFields) -> ResultsFields:
+    """The results fields alone (toa.run_file.results_location) with their block resolved."""
+    return fields.model_copy(update=_results_from_block(fields)) if fields.results_block else fields
+
+
+def _results_from_block(fields: ResultsFields) -> dict[str, Any]:
+    location = _load("results_block", "ResultsLocation", fields.results_block)
+    return {"results_root": location.url, "storage_options": {**location.options(), **fields.storage_options}}
 
 
 def _reward_from_block(reward: RewardConfig) -> RewardConfig:

@@ -17,7 +17,7 @@ from pydantic import SecretStr
 from toa.aimd import AdaptiveLimiter, AimdController
 from toa.calls import CallLayer, ClientPolicy, EndpointClient
 from toa.config import AgentConfig
-from toa.engine import _queue_feed, make_client
+from toa.engine import _queue_feed, make_client, make_clients
 from toa.rows import OK
 from toa.servers import Endpoint
 from toa.servers.watch import Load, StallDetector, watch
@@ -334,6 +334,34 @@ async def test_make_client_turns_adaptive_on_for_attached_endpoints_only():
     assert (await make_client(AgentConfig(**attached, adaptive_concurrency=False), ep)).adaptive is None
     forced = await make_client(AgentConfig(**launched, adaptive_concurrency=True, max_concurrency=4), ep)
     assert forced.adaptive is not None and forced.adaptive.controller.ceiling == 4 and forced.limit.limit == 4
+
+
+async def test_agents_of_one_endpoint_share_its_limit():
+    """Two aliases of one server (same base URL and model): the server sees at most the smaller
+    max_concurrency in flight, not the sum; another model on the same URL keeps its own limit."""
+    double = CappedOpenAIDouble(cap=100, hold_s=0.02)
+    endpoint = {"base_url": f"{double.base}/v1", "model": "m"}
+    agents = [AgentConfig(alias="a", endpoint=endpoint, max_concurrency=4, adaptive_concurrency=False),
+              AgentConfig(alias="b", endpoint=endpoint, max_concurrency=3, adaptive_concurrency=False,
+                          sampling={"temperature": 0.5}),  # else a's requests, answered once
+              AgentConfig(alias="c", endpoint={**endpoint, "model": "other"}, max_concurrency=2, adaptive_concurrency=False)]
+    endpoints = {a.alias: Endpoint(alias=a.alias, base_url=a.endpoint.base_url, model=a.endpoint.model,
+                                   api_key=SecretStr(""), identity=a.endpoint.model) for a in agents}
+    clients = await make_clients(agents, endpoints)
+    assert clients["a"].limit is clients["b"].limit and clients["c"].limit is not clients["a"].limit
+    layer = CallLayer(clients, {}, lambda record: None, run_seed=0)
+    try:
+        await asyncio.gather(*(layer.for_prompt(f"p{i}")(alias, [{"role": "user", "content": f"q{i}"}], 1)
+                               for i in range(24) for alias in ("a", "b")))
+        assert double.served == 48 and double.max_in_flight == 3  # the smaller limit, for both
+        double.max_in_flight = 0
+        await asyncio.gather(*(layer.for_prompt(f"p{i}")(alias, [{"role": "user", "content": f"r{i}"}], 1)
+                               for i in range(24) for alias in ("a", "c")))
+        assert double.max_in_flight == 5  # a's share of the shared 3, c's own 2
+    finally:
+        for client in clients.values():
+            await client.aclose()
+        double.close()
 
 
 class _Enough(Exception):

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import pytest
 from toa.blocks import ModelEndpoint, ResultsLocation, RewardModel
-from toa.blocks.resolve import resolve_blocks
+from toa.blocks.resolve import resolve_blocks, resolve_results
 
 from toa.config import ConfigError, load_config
 from toa.plan import run_id
+from toa.run_file import results_location
 from toa.storage import Store
 
 
@@ -52,6 +53,19 @@ def test_results_block_supplies_root_and_secret_options(saved_blocks):
     store = Store(cfg.results_root, cfg.storage_options)  # unwrapped only to open the filesystem
     assert store.fs.storage_options["token"] == "tok-secret"
     assert run_id(cfg) == run_id(load_config(None, {}))  # where results go is operational
+
+
+@pytest.mark.integration
+def test_results_fields_alone_resolve_the_block_as_the_run_does(saved_blocks, tmp_path, monkeypatch):
+    """`toa sql`/`report`/`export` without --root read only the results fields (toa.run_file)."""
+    run_file = tmp_path / "run.toml"
+    run_file.write_text('results_block = "t-results"\n')
+    monkeypatch.setenv("TOA_STORAGE_OPTIONS__EXTRA", "1")
+    alone = resolve_results(results_location(run_file))
+    whole = resolve_blocks(load_config(run_file))
+    assert (alone.results_root, alone.storage_options) == (whole.results_root, whole.storage_options)
+    assert alone.storage_options["token"].get_secret_value() == "tok-secret"
+    assert alone.storage_options["extra"] == "1"
 
 
 @pytest.mark.integration

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import os
 import re
 import stat
 import subprocess
@@ -148,6 +149,39 @@ def test_toa_sql_with_a_root_imports_only_what_a_query_needs(written):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert re.search(rf"\b{N_SAMPLES}\b", out)
     assert out.splitlines()[-1] == "[]"
+
+
+def _sql_without_root(cwd: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    script = "\n".join([
+        "import sys",
+        "from toa.cli import main",
+        f"main(['sql', 'select count(*) as n from samples', *{args!r}])",
+        f"print([m for m in sys.modules if any(m == n or m.startswith(n + '.') for n in {NOT_FOR_SQL!r})])",
+    ])
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TOA_")}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd, env={**clean, **env})
+
+
+def test_toa_sql_without_root_reads_the_results_fields_alone(written, tmp_path):
+    """Without --root, `toa sql` finds the root as a run would (run file < TOA_* environment)
+    from the config's results fields alone: nothing else of the config is validated (this run
+    file names an unknown method) or imported."""
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(f'methods = ["no_such_method"]\nresults_root = {written.root!r}\n')
+    from_file = _sql_without_root(tmp_path, ["--config", str(run_file)], {})
+    assert from_file.returncode == 0, from_file.stderr
+    assert re.search(rf"\b{N_SAMPLES}\b", from_file.stdout)
+    assert from_file.stdout.splitlines()[-1] == "[]"
+
+    run_file.write_text('results_root = "elsewhere"\n')  # the environment wins over the file
+    from_env = _sql_without_root(tmp_path, ["--config", str(run_file)], {"TOA_RESULTS_ROOT": written.root})
+    assert from_env.returncode == 0, from_env.stderr
+    assert re.search(rf"\b{N_SAMPLES}\b", from_env.stdout)
+
+    run_file.write_text("results_root = 3\n")
+    bad = _sql_without_root(tmp_path, ["--config", str(run_file)], {})
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "results_root" in bad.stderr and str(run_file) in bad.stderr
 
 
 # -- no SQL outside sql/ ---------------------------------------------------------------------

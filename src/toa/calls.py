@@ -152,22 +152,32 @@ def _env_proxy(url: str) -> str | None:
     return proxies[parts.scheme]
 
 
+Limit = asyncio.Semaphore | AdaptiveLimiter
+
+
+def new_limit(policy: ClientPolicy) -> Limit:
+    """The in-flight limit `policy` asks for: a fixed semaphore, or the adaptive one (toa.aimd)."""
+    if policy.adaptive:
+        return AdaptiveLimiter(AimdController(policy.max_concurrency, policy.adaptive_start))
+    return asyncio.Semaphore(policy.max_concurrency)
+
+
 class EndpointClient:
-    """One endpoint: its transport, its in-flight limit and its sampling parameters.
+    """One agent's endpoint: its transport, its in-flight limit and its sampling parameters.
 
     The limit is a fixed semaphore of `max_concurrency`, or, with `policy.adaptive`, an
     AdaptiveLimiter (toa.aimd) that learns it: 429 and 503 answers and timeouts lower it (and
     are retried as ever, waiting for the limiter again), successes raise it up to
     `max_concurrency`."""
 
-    def __init__(self, endpoint: Endpoint, params: dict, policy: ClientPolicy, transport: Transport | None = None):
+    def __init__(self, endpoint: Endpoint, params: dict, policy: ClientPolicy, transport: Transport | None = None,
+                 limit: Limit | None = None):
         self.endpoint, self.params, self.policy = endpoint, params, policy
         self.transport = transport or HttpTransport(endpoint.base_url, endpoint.api_key.get_secret_value(), policy)
         self.url = endpoint.base_url.rstrip("/") + "/chat/completions"
-        self.adaptive: AdaptiveLimiter | None = None
-        if policy.adaptive:
-            self.adaptive = AdaptiveLimiter(AimdController(policy.max_concurrency, policy.adaptive_start))
-        self.limit: asyncio.Semaphore | AdaptiveLimiter = self.adaptive or asyncio.Semaphore(policy.max_concurrency)
+        # `limit`: one shared with the other agents of this endpoint (toa.engine.make_clients)
+        self.limit: Limit = limit if limit is not None else new_limit(policy)
+        self.adaptive: AdaptiveLimiter | None = self.limit if isinstance(self.limit, AdaptiveLimiter) else None
         self.requests = 0  # HTTP requests actually sent (for tests and reports)
         self.stalled: str | None = None  # the watchdog's message once the server stalled
         self._in_flight: set[asyncio.Timeout] = set()  # one per request, to end them on a stall

@@ -380,19 +380,20 @@ def cmd_tree(args) -> None:
 
 def _store(args):
     """The results root to read: --root as given (an object store's endpoint and credentials
-    from the environment), else the run config's results_root with its storage options (a
-    results_block resolved)."""
+    from the environment), else the run config's results fields alone (toa.run_file), a
+    results_block resolved. The rest of the config is not validated: a query needs none of it."""
     from toa.storage import Store
 
     if args.root:
         return Store(args.root)
-    from toa.config import (
-        load_config,  # only without --root: it loads every method (~0.7 s)
-    )
-    from toa.plan import with_blocks
+    from toa.run_file import results_location
 
-    cfg = with_blocks(load_config(args.config))
-    return Store(cfg.results_root, cfg.storage_options)
+    where = results_location(args.config)
+    if where.results_block:
+        from toa.blocks.resolve import resolve_results
+
+        where = resolve_results(where)
+    return Store(where.results_root, where.storage_options)
 
 
 def cmd_report(args) -> None:

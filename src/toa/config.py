@@ -14,36 +14,32 @@ the run plan (toa.plan) keeps those instances.
 
 from __future__ import annotations
 
-import json
-import tomllib
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
-    field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings import EnvSettingsSource, SettingsConfigDict
 
-from toa.errors import UserError
 from toa.methods import Method, method_class, method_names
 from toa.prompts import DEFAULT_PROMPTS, PromptSource
 from toa.reward.config import RewardConfig
+from toa.run_file import (
+    OPERATIONAL,
+    ConfigError,
+    ResultsFields,
+    deep_merge,
+    explain,
+    read_run_file,
+)
 from toa.runners import TaskRunnerConfig
 from toa.servers.spec import AttachSpec, LaunchSpec, place_cpu_servers
-from toa.storage import mask_credentials
-
-OPERATIONAL = {"operational": True}  # json_schema_extra marker: excluded from the fingerprint
-
-
-class ConfigError(UserError):
-    """A bad configuration; the message names every bad field at once."""
 
 
 class SamplingParams(BaseModel):
@@ -124,8 +120,9 @@ def default_agents() -> list[AgentConfig]:
     ]
 
 
-class RunConfig(BaseSettings):
-    """One synthesis run. See the module docstring for sources and precedence."""
+class RunConfig(ResultsFields):
+    """One synthesis run. See the module docstring for sources and precedence; the results
+    fields (results_root, storage_options, results_block) are declared in toa.run_file."""
 
     model_config = SettingsConfigDict(env_prefix="TOA_", env_nested_delimiter="__", extra="forbid")
 
@@ -139,18 +136,12 @@ class RunConfig(BaseSettings):
     seed: int = Field(0, description="Run seed; a call's seed derives from (method, model, request, run seed, call slot).")
     batch_size: int = Field(16, gt=0, description="Prompts per (method, batch) task. Part of the fingerprint: the call cache is partitioned by batch.")
     dpo_rank: int | None = Field(None, gt=1, description="DPO rejected = the response ranked r-th by reward; default scales the paper's 30-of-160 to the budget.")
-    results_root: str = Field("results", description="fsspec URL of the results root (Parquet shards + DuckDB).", json_schema_extra=OPERATIONAL)
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for results_root.", json_schema_extra=OPERATIONAL)
-    results_block: str | None = Field(None, description="Name of a toa ResultsLocation Prefect block; it replaces results_root and supplies storage options (credentials as secrets).", json_schema_extra=OPERATIONAL)
     prompt_concurrency: int = Field(64, gt=0, description="Prompts of one batch in flight at once.", json_schema_extra=OPERATIONAL)
     task_retries: int = Field(2, ge=0, description="Prefect retries of a failed (method, batch) task.", json_schema_extra=OPERATIONAL)
     task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig, description="Where the (method, batch) tasks run: Prefect threads in the flow process, or a Dask cluster (toa.runners).", json_schema_extra=OPERATIONAL)
     head_start: bool = Field(True, description="`toa run` with every server attached: start the first (method, batch) unit while Prefect starts, for the flow to adopt (toa.head_start).", json_schema_extra=OPERATIONAL)
     accept_changed_models: list[str] = Field(default_factory=list, description="Aliases of attached endpoints ('reward' for the reward model's) whose behavioural fingerprint may differ from the one recorded with their calls in results_root: their recorded calls are replayed anyway and the acceptance is recorded (who, when, old, new) under <results_root>/identity/ (toa.identity). Without it such a run stops before any call, naming the endpoint. `toa run --accept-changed-model ALIAS`.", json_schema_extra=OPERATIONAL)
     _methods: dict[str, Method] = PrivateAttr(default_factory=dict)  # built by _check, once
-
-    # credentials written in the run file print and serialize masked (runs.config_json, logs)
-    _mask_storage_credentials = field_validator("storage_options")(mask_credentials)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -233,18 +224,6 @@ def _result_value(value: Any) -> Any:
     return value if not hasattr(value, "get_secret_value") else None  # secrets never fingerprinted
 
 
-def read_run_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except (OSError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read run file: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a run file must hold a table/mapping at the top level")
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Resolve defaults < file < environment < overrides into a validated RunConfig.
 
@@ -254,14 +233,14 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     field with its location and the offending value.
     """
     merged = _defaults()
-    _deep_merge(merged, read_run_file(path) if path else {})
-    _deep_merge(merged, EnvSettingsSource(RunConfig)())
+    deep_merge(merged, read_run_file(path) if path else {})
+    deep_merge(merged, EnvSettingsSource(RunConfig)())
     for key, value in (overrides or {}).items():
         _set_dotted(merged, key, value)
     try:
         return RunConfig.model_validate(merged)  # validates only: BaseSettings sources are not re-read
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, path)) from None
+        raise ConfigError(explain(exc, path)) from None
 
 
 def _defaults() -> dict[str, Any]:
@@ -276,14 +255,6 @@ def _defaults() -> dict[str, Any]:
     return out
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> None:
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
-        else:
-            base[key] = value
-
-
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node: Any = tree
@@ -295,7 +266,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     if isinstance(node, list):
         node[_index(node, leaf, dotted)] = value
     elif isinstance(node, dict) and isinstance(value, dict) and isinstance(node.get(leaf), dict):
-        _deep_merge(node[leaf], value)
+        deep_merge(node[leaf], value)
     else:
         node[leaf] = value
 
@@ -332,15 +303,3 @@ def _index(items: list, part: str, dotted: str) -> int:
         raise ConfigError(f"override {dotted!r}: no agent with alias {part!r}; "
                           f"agents: {', '.join(str(a) for a in aliases)} (or an index 0..{len(items) - 1})")
     raise ConfigError(f"override {dotted!r}: {part!r} is not an index of a {len(items)}-item list")
-
-
-def _explain(exc: ValidationError, path: str | Path | None) -> str:
-    where = f" in {path}" if path else ""
-    lines = [f"invalid toa config{where}: {exc.error_count()} problem(s)"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        got = err.get("input")
-        shown = "" if isinstance(got, (dict, list)) or not loc else f" (got {json.dumps(got, default=str)[:80]})"
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc}: {msg}{shown}" if loc else f"  {msg}")
-    return "\n".join(lines)

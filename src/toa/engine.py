@@ -37,7 +37,7 @@ from typing import Any
 import polars as pl
 
 from toa import stopping
-from toa.calls import CallLayer, ClientPolicy, EndpointClient
+from toa.calls import CallLayer, ClientPolicy, EndpointClient, new_limit
 from toa.config import AgentConfig, RunConfig
 from toa.limits import ensure_limits, names_for
 from toa.methods import MethodContext
@@ -86,7 +86,7 @@ class Engine:
         self.rewards = RewardService(self.reward_backend, self.reward_cache, self._route_reward,
                                      max_batch=cfg.reward.batch_size, max_wait_s=cfg.reward.max_wait_ms / 1000,
                                      retries=cfg.reward.retries)
-        self.clients = self.run(self._make_clients(cfg, endpoints))
+        self.clients = self.run(make_clients(cfg.agents, endpoints))
         self.work: set[concurrent.futures.Future] = set()  # batches running on the loop
         self.watchers = self.run(self._start_watchers(cfg))
         self._forget_stop = stopping.on_stop(self.cancel_work)
@@ -148,9 +148,6 @@ class Engine:
                     self.reward_cache.pop(key, None)
                 self.rewards.forget(keys)
 
-    async def _make_clients(self, cfg: RunConfig, endpoints: dict[str, Endpoint]) -> dict[str, EndpointClient]:
-        return {agent.alias: await make_client(agent, endpoints[agent.alias]) for agent in cfg.agents}
-
     def run(self, coro):
         """Run a coroutine on the engine loop from any thread and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
@@ -203,15 +200,41 @@ def _progress(hook: PromptHook | None, method: str, batch: str) -> Callable[[int
     return report
 
 
+async def make_clients(agents: list[AgentConfig], endpoints: dict[str, Endpoint]) -> dict[str, EndpointClient]:
+    """The request-layer clients of `agents`, by alias, with their local and cross-process limits
+    (the Prefect limits are created first). Call on the loop that will use them.
+
+    Agents that reach one endpoint (the same base URL and served model: one model under two
+    system prompts or temperatures, say) share one in-flight limit, the smallest max_concurrency
+    among them, adaptive if any of theirs is: it is the server's capacity. With a limit each,
+    the server saw their sum, and one agent's idle slots could not serve the other's queue (TOA
+    asks one agent more than the other; benchmarks/throughput.py (c))."""
+    await ensure_limits(agents)
+    policies = {agent.alias: _policy(agent) for agent in agents}
+
+    def server(alias: str) -> tuple[str, str]:
+        return endpoints[alias].base_url.rstrip("/"), endpoints[alias].model
+
+    sharing: dict[tuple[str, str], list[ClientPolicy]] = {}
+    for agent in agents:
+        sharing.setdefault(server(agent.alias), []).append(policies[agent.alias])
+    limits = {key: new_limit(ClientPolicy(min(p.max_concurrency for p in group), adaptive=any(p.adaptive for p in group)))
+              for key, group in sharing.items()}
+    return {agent.alias: EndpointClient(endpoints[agent.alias], agent.sampling.request_fields(), policies[agent.alias],
+                                        limit=limits[server(agent.alias)])
+            for agent in agents}
+
+
 async def make_client(agent: AgentConfig, endpoint: Endpoint) -> EndpointClient:
-    """The request-layer client of one agent, with its local and cross-process limits (the
-    Prefect limits are created first). Call on the loop that will use the client."""
-    await ensure_limits([agent])
+    """One agent's client, with a limit of its own (see make_clients)."""
+    return (await make_clients([agent], {agent.alias: endpoint}))[agent.alias]
+
+
+def _policy(agent: AgentConfig) -> ClientPolicy:
     # adaptive by default where toa does not know the capacity: a server it did not launch
     adaptive = agent.adaptive_concurrency if agent.adaptive_concurrency is not None else agent.launch is None
-    policy = ClientPolicy(agent.max_concurrency, agent.timeout_s, agent.retries, global_limits=names_for(agent.global_limit),
-                          adaptive=adaptive)
-    return EndpointClient(endpoint, agent.sampling.request_fields(), policy)
+    return ClientPolicy(agent.max_concurrency, agent.timeout_s, agent.retries, global_limits=names_for(agent.global_limit),
+                        adaptive=adaptive)
 
 
 # The engines of each owner (a flow run, see flows/synthesize.py) in this process: a run's stop

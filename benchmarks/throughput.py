@@ -1,5 +1,5 @@
 """Throughput of toa against the raw server, in one run on one server (targets b/a >= 0.95,
-c/d >= 0.90 (issue 13: TOA against the raw client replaying the same requests), rerun <= 2 % of
+c/d >= 0.90 (TOA against the raw client replaying the same requests), rerun <= 2 % of
 the first run, orchestrator memory flat in the prompt count).
 
     python benchmarks/throughput.py [--prompts 64] [--n 4] [--max-tokens 64] [--concurrency 32]
@@ -343,7 +343,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--model", default="embedded:smollm2-135m-instruct")
     p.add_argument("--base-url")
-    p.add_argument("--dtype", default="float32", help="of the started server (issue 13's c/a goal is on float32)")
+    p.add_argument("--dtype", default="float32", help="of the started server (the c/d goal is on float32)")
     p.add_argument("--model-name")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY")
     p.add_argument("--reward", default="custom", choices=["custom", "similarity"])

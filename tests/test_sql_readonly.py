@@ -137,21 +137,9 @@ NOT_FOR_SQL = ("toa.config", "toa.methods", "toa.servers", "toa.supervise", "pre
                "fsspec")
 
 
-def test_toa_sql_with_a_root_imports_only_what_a_query_needs(written):
-    """`toa sql --root` answers in well under a second: it loads DuckDB and the views' code,
-    nothing else. In a fresh interpreter, as the `toa` command starts."""
-    script = "\n".join([
-        "import sys",
-        "from toa.cli import main",
-        f"main(['sql', 'select count(*) as n from samples', '--root', {written.root!r}])",
-        f"print([m for m in sys.modules if any(m == n or m.startswith(n + '.') for n in {NOT_FOR_SQL!r})])",
-    ])
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    assert re.search(rf"\b{N_SAMPLES}\b", out)
-    assert out.splitlines()[-1] == "[]"
-
-
-def _sql_without_root(cwd: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+def _toa_sql(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`toa sql` counting the samples in a fresh interpreter, as the `toa` command starts (no
+    TOA_* variable but those in `env`); its last line lists the NOT_FOR_SQL modules it loaded."""
     script = "\n".join([
         "import sys",
         "from toa.cli import main",
@@ -159,7 +147,17 @@ def _sql_without_root(cwd: Path, args: list[str], env: dict[str, str]) -> subpro
         f"print([m for m in sys.modules if any(m == n or m.startswith(n + '.') for n in {NOT_FOR_SQL!r})])",
     ])
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TOA_")}
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd, env={**clean, **env})
+    return subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, cwd=cwd,
+                          env={**clean, **(env or {})})
+
+
+def test_toa_sql_with_a_root_imports_only_what_a_query_needs(written):
+    """`toa sql --root` answers in well under a second: it loads DuckDB and the views' code,
+    nothing else."""
+    out = _toa_sql(["--root", written.root])
+    assert out.returncode == 0, out.stderr
+    assert re.search(rf"\b{N_SAMPLES}\b", out.stdout)
+    assert out.stdout.splitlines()[-1] == "[]"
 
 
 def test_toa_sql_without_root_reads_the_results_fields_alone(written, tmp_path):
@@ -168,18 +166,18 @@ def test_toa_sql_without_root_reads_the_results_fields_alone(written, tmp_path):
     file names an unknown method) or imported."""
     run_file = tmp_path / "run.toml"
     run_file.write_text(f'methods = ["no_such_method"]\nresults_root = {written.root!r}\n')
-    from_file = _sql_without_root(tmp_path, ["--config", str(run_file)], {})
+    from_file = _toa_sql(["--config", str(run_file)], tmp_path)
     assert from_file.returncode == 0, from_file.stderr
     assert re.search(rf"\b{N_SAMPLES}\b", from_file.stdout)
     assert from_file.stdout.splitlines()[-1] == "[]"
 
     run_file.write_text('results_root = "elsewhere"\n')  # the environment wins over the file
-    from_env = _sql_without_root(tmp_path, ["--config", str(run_file)], {"TOA_RESULTS_ROOT": written.root})
+    from_env = _toa_sql(["--config", str(run_file)], tmp_path, {"TOA_RESULTS_ROOT": written.root})
     assert from_env.returncode == 0, from_env.stderr
     assert re.search(rf"\b{N_SAMPLES}\b", from_env.stdout)
 
     run_file.write_text("results_root = 3\n")
-    bad = _sql_without_root(tmp_path, ["--config", str(run_file)], {})
+    bad = _toa_sql(["--config", str(run_file)], tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "results_root" in bad.stderr and str(run_file) in bad.stderr
 

@@ -343,7 +343,7 @@ def _print_result(result: dict) -> None:
 
 def cmd_sql(args) -> None:
     """Print one query's result as DuckDB draws it: no polars or pyarrow to import, which were
-    two thirds of a `toa sql` (issue "Performance at scale": select 1 in <= 0.5 s)."""
+    two thirds of a `toa sql` (README, "Speed and memory": select 1 in <= 0.5 s)."""
     from toa.db import connect
 
     con = connect(_store(args))

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 # polars and toa.rows (which builds its schemas with polars) are imported where rows are framed,
 # written or read, not here: `toa sql` needs a Store only to find the root, and polars was a
-# third of its start-up (issue "Performance at scale": select 1 in <= 0.5 s).
+# third of its start-up (README, "Speed and memory": select 1 in <= 0.5 s).
 
 try:
     import fcntl  # journal locks (POSIX); without it writers keep only the in-memory buffer

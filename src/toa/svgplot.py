@@ -2,8 +2,8 @@
 
 Why not matplotlib: importing it and saving the report's two figures cost ~1 s of CPU at the end
 of every `toa run`, more than everything else the report does at a few thousand prompts
-(py-spy of benchmarks/orchestrator.py; the report is part of every run's fixed cost, issue
-"Performance at scale"). The report needs lines, shaded bands, bars, axes with round ticks and
+(py-spy of benchmarks/orchestrator.py; the report is part of every run's fixed cost: README,
+"Speed and memory"). The report needs lines, shaded bands, bars, axes with round ticks and
 legends; that is a page of string formatting, and SVG is text: the HTML page inlines it, Markdown
 and the Prefect artifact reference it.
 

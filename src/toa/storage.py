@@ -338,10 +338,11 @@ class ShardWriter:
             part.result()
 
     def _start_part(self) -> None:
-        """Hand the buffered rows to the writer threads. Encoding a part (~20 ms of CPU for 1024
-        calls of 1.5 kB) mostly releases the GIL, so in a thread it runs beside the event loop
-        and the next rows' work (with Arrow encoding, 1.44-1.61x the samples written per second:
-        benchmarks/store_scale.py)."""
+        """Hand the buffered rows to the writer threads. Encoding a part (~15 ms of CPU for 1024
+        calls of 1.5 kB) runs there beside the event loop and the next rows' work: about half of
+        it, the Parquet encoding, releases the GIL; the conversion of the rows to Arrow holds it,
+        which caps the threads at ~1.3 of 2 cores (with Arrow encoding, 1.44-1.61x the samples
+        written per second: benchmarks/store_scale.py)."""
         with self._lock:
             rows, self._rows = self._rows, []
             journal, self._journal = self._journal, None  # later rows go to a fresh journal

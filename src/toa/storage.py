@@ -25,7 +25,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
@@ -214,13 +214,11 @@ class Store:
         from toa.rows import arrow
 
         data, dictionary = arrow(table, rows)
-        buf = io.BytesIO()
+        target = self.path(table, *parts)
         # min/max statistics only where a dictionary is (a filter on free text or a unique id
         # never skips a row group by them; they were a sixth of the write)
-        pq.write_table(data, buf, compression="zstd", compression_level=1, use_dictionary=dictionary,
-                       write_statistics=dictionary)
-        target = self.path(table, *parts)
-        self._put(buf.getvalue(), target)
+        self._put_with(lambda sink: pq.write_table(data, sink, compression="zstd", compression_level=1,
+                                                   use_dictionary=dictionary, write_statistics=dictionary), target)
         return target
 
     def write_json(self, obj: Any, *parts: str) -> None:
@@ -228,6 +226,24 @@ class Store:
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         self._put(data, self.path(*parts))
+
+    def _put_with(self, write: Callable[[Any], None], target: str) -> None:
+        """`write(sink)` writes the file: on a local root straight into a temporary file beside
+        the target (renamed onto it, as _put does), so that Arrow encodes into the file without
+        holding the GIL and no copy of the bytes is made in Python; elsewhere into memory, then
+        one PUT."""
+        if not self.local:
+            buf = io.BytesIO()
+            write(buf)
+            return self._put(buf.getvalue(), target)
+        os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+        try:
+            write(tmp)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        os.replace(tmp, target)  # rename on the same disk: atomic
 
     def _put(self, data: bytes, target: str) -> None:
         parent = target.rsplit("/", 1)[0]
@@ -338,11 +354,10 @@ class ShardWriter:
             part.result()
 
     def _start_part(self) -> None:
-        """Hand the buffered rows to the writer threads. Encoding a part (~15 ms of CPU for 1024
-        calls of 1.5 kB) runs there beside the event loop and the next rows' work: about half of
-        it, the Parquet encoding, releases the GIL; the conversion of the rows to Arrow holds it,
-        which caps the threads at ~1.3 of 2 cores (with Arrow encoding, 1.44-1.61x the samples
-        written per second: benchmarks/store_scale.py)."""
+        """Hand the buffered rows to the writer threads. Writing a part (~15 ms of CPU for 1024
+        calls of 1.5 kB) runs there beside the event loop and the next rows' work: the Parquet
+        encoding (~9 us a row) releases the GIL, the conversion of the rows to Arrow (~5 us a
+        row) holds it (benchmarks/store_scale.py)."""
         with self._lock:
             rows, self._rows = self._rows, []
             journal, self._journal = self._journal, None  # later rows go to a fresh journal

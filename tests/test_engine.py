@@ -1,7 +1,11 @@
 """Engine bookkeeping: the process-wide reward cache holds only the live batches' prompts, so a
-long run's memory stays flat in the number of prompts (benchmarks/throughput.py measures it)."""
+long run's memory stays flat in the number of prompts (benchmarks/throughput.py measures it);
+the garbage collector's settings for a run."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 from pydantic import SecretStr
 
@@ -44,3 +48,21 @@ def test_reward_records_are_dropped_when_no_live_batch_needs_them(tmp_path):
         assert engine.rewards.records == {} and engine.reward_cache == {} and engine.reward_keys == {}
     finally:
         engine.close()
+
+
+def test_the_first_engine_settles_the_garbage_collector_once_and_keeps_a_higher_setting():
+    # A fresh interpreter (a real process): the settings are the process's, made once.
+    script = """
+import gc
+from toa.engine import GC_THRESHOLDS, settle_gc
+gc.set_threshold(700, 50, 10)  # a user's own gen-1 setting, above toa's
+alive = len(gc.get_objects())
+settle_gc()
+first = (gc.get_threshold(), gc.get_freeze_count())
+gc.set_threshold(*GC_THRESHOLDS[:2], 3)
+settle_gc()  # a second engine in the process changes nothing
+print(first[0], first[1] >= alive, gc.get_threshold())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["(10000,", "50,", "10)", "True", "(10000,", "10,", "3)"]

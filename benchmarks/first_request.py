@@ -8,7 +8,7 @@ the wall time of the first chat request it receives; each `toa run` is a fresh p
 results root (Random, n=2, one agent, a free length reward), with one Prefect home for all runs
 (a warm-up run first, so that no measured run pays Prefect's database set-up). The last line reads
     first request: <x> s with the head start, <y> s without (<ratio>); runs <a> s and <b> s
-the goal being x <= 3 s (docs/design.md, "Speed").
+the goal being x <= 3 s (README, "Speed and memory").
 """
 
 from __future__ import annotations

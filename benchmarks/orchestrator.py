@@ -17,7 +17,7 @@ CPU is user + sys of the measuring process from start to exit (imports included)
 getrusage; the temporary Prefect API server is a separate process, reported on its own line.
 The last line reads
     orchestrator: <x> ms CPU per call (floor <y> ms; <calls> calls, <wall> s)
-for the largest N, the goal being x <= 1.0 at 10k calls (docs/design.md, "Speed").
+for the largest N, the goal being x <= 1.0 at 10k calls (README, "Speed and memory").
 --profile DIR writes a cProfile of each toa process there (toa-<N>.prof).
 """
 

@@ -164,8 +164,7 @@ def test_a_failed_shard_write_leaves_neither_a_temporary_file_nor_a_shard(tmp_pa
     store.write_rows("prompts", [PromptRow(prompt_id="p", text="old", batch="b")], "source=s", "b.parquet")
 
     def fail_midway(table, where, **options):  # in-process fake: the file is begun, then the disk fails
-        with open(where, "wb") as fh:
-            fh.write(b"PAR1")
+        where.write(b"PAR1")
         raise OSError("No space left on device")
 
     monkeypatch.setattr(pq, "write_table", fail_midway)

@@ -229,17 +229,20 @@ class Store:
 
     def _put_with(self, write: Callable[[Any], None], target: str) -> None:
         """`write(sink)` writes the file: on a local root straight into a temporary file beside
-        the target (renamed onto it, as _put does), so that Arrow encodes into the file without
-        holding the GIL and no copy of the bytes is made in Python; elsewhere into memory, then
+        the target (an Arrow file: Arrow encodes into it without holding the GIL and no copy of
+        the bytes is made in Python), renamed onto it as _put does; elsewhere into memory, then
         one PUT."""
         if not self.local:
             buf = io.BytesIO()
             write(buf)
             return self._put(buf.getvalue(), target)
+        import pyarrow as pa
+
         os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{target}.{uuid.uuid4().hex}.tmp"
         try:
-            write(tmp)
+            with pa.OSFile(tmp, "wb") as sink:  # a file, not a path: no URI parsing of the name
+                write(sink)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

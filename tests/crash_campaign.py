@@ -14,7 +14,11 @@ group. After the points of a round, the same command runs again and must finish 
 Definitions (as tests/test_faults.py's kill test):
 - a request is *in flight at a kill* when that kill is the first after its arrival and the
   request was not answered more than GRACE_S before it (finished calls reach the journal within milliseconds; the grace
-  counts a just-answered call as in flight, like that test's "busiest second before the kill");
+  counts a just-answered call as in flight, like that test's "busiest second before the kill").
+  A server notes a request's arrival when its handler starts reading it, which can be just
+  after the kill of the process that sent it (its bytes were already in the socket): a request
+  arriving up to SENT_S after a kill is that kill's. No process of the next attempt can send
+  one that soon (Python's start-up alone takes longer);
 - *repeated* generations = generations the servers served for the runs' calls minus the ok call
   rows recorded; they must not exceed the generations in flight at the kills. Each repeat is
   charged to the kill that caught its request in flight (`attribute_repeats`), and the table
@@ -53,6 +57,7 @@ from openai_double import OpenAIDouble, _handler
 TESTS = Path(__file__).resolve().parent
 KEY = "sk-crash-key"
 GRACE_S = 1.0  # see "in flight" above
+SENT_S = 0.5  # likewise
 PROMPTS, N, BATCH = 8, 2, 4  # per round: 2 batches, 2 methods (random, toa)
 SLOW_S = 0.3  # each answer of the slow double path and of the launched stand-in
 ROUND_SEEDS = {"launched": 0, "attached": 1, "evolve": 2}  # each results root its own run seed: no shared calls
@@ -495,11 +500,11 @@ def attribute_repeats(requests: list[Request], kill_times: list[float], recorded
 
 
 def first_kill_after(req: Request, kill_times: list[float]) -> float | None:
-    return next((t for t in kill_times if t >= req.arrived), None)
+    return next((t for t in kill_times if t >= req.arrived - SENT_S), None)
 
 
 def in_flight(req: Request, kill_at: float) -> bool:
-    return req.arrived <= kill_at and (req.answered is None or req.answered > kill_at - GRACE_S)
+    return req.arrived <= kill_at + SENT_S and (req.answered is None or req.answered > kill_at - GRACE_S)
 
 
 def lost_calls(requests: list[Request], kill_times: list[float], recorded: dict[str, int]) -> list[str]:

@@ -121,6 +121,22 @@ def test_a_finished_call_asked_again_is_lost_and_an_in_flight_one_is_a_repeat():
     assert attribute_repeats(finished_early + in_flight, [kill], recorded) == Counter({kill: 1})
 
 
+def test_a_request_the_server_reads_just_after_a_kill_is_that_kills_not_a_loss():
+    # Seen in CI: a request sent as its process was killed reached the server's handler 10 ms
+    # after the kill, was answered, and was counted as a finished call asked again.
+    from collections import Counter
+
+    from crash_campaign import attribute_repeats, lost_calls
+
+    kill = 10.0
+    sent_at_kill = [_req(1, kill + 0.01, kill + 0.3), _req(1, 19.0, 19.3)]  # the rerun asks it again
+    recorded = Counter({sent_at_kill[0].match_key(): 1})
+    assert lost_calls(sent_at_kill, [kill], recorded) == []
+    assert attribute_repeats(sent_at_kill, [kill], recorded) == Counter({kill: 1})
+    late = [_req(1, kill + 2.0, kill + 2.3), _req(1, 19.0, 19.3)]  # a new process's, answered, asked again
+    assert lost_calls(late, [kill], recorded) == [f"2 finished, 1 recorded: {late[0].match_key()}"]
+
+
 def test_duplicate_rows_and_corrupt_shards_are_found(tmp_path):
     import polars as pl
     from crash_campaign import corrupt_shards, duplicates

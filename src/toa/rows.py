@@ -465,8 +465,9 @@ def _schema(table: str) -> dict[str, pl.DataType]:
 
 # Each row's values in its table's column order, taken by one C call per row (_values).
 _ATTRS = {table: operator.attrgetter(*schema) for table, schema in SCHEMAS.items()}
-# One getter per column: typed rows are read column by column (see _columns).
+# One getter per column: typed rows are read column by column, a block of rows at a time (_columns).
 _GETTERS = {table: [operator.attrgetter(c) for c in schema] for table, schema in SCHEMAS.items()}
+_BLOCK_ROWS = 1024
 _ITEMS = {table: operator.itemgetter(*schema) for table, schema in SCHEMAS.items()}
 # The columns a dict row may leave out: those added with a default (read back as the default).
 _DEFAULTS = {table: {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
@@ -491,8 +492,6 @@ def _columns(table: str, rows: list[Any]) -> list[Sequence[Any]]:
             column.extend(map(get, block))
     return columns
 
-
-_BLOCK_ROWS = 1024
 
 
 def _values(table: str, row: Any) -> tuple:

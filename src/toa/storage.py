@@ -16,6 +16,7 @@ the shards on a local root, in a local spool for any other root (an object store
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -25,7 +26,8 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -228,36 +230,39 @@ class Store:
         self._put(data, self.path(*parts))
 
     def _put_with(self, write: Callable[[Any], None], target: str) -> None:
-        """`write(sink)` writes the file: on a local root straight into a temporary file beside
-        the target (an Arrow file: Arrow encodes into it without holding the GIL and no copy of
-        the bytes is made in Python), renamed onto it as _put does; elsewhere into memory, then
-        one PUT."""
+        """`write(sink)` writes the file: on a local root straight into an Arrow file (Arrow
+        encodes into it without holding the GIL, and no copy of the bytes is made in Python);
+        elsewhere into memory, then one PUT."""
         if not self.local:
             buf = io.BytesIO()
             write(buf)
             return self._put(buf.getvalue(), target)
         import pyarrow as pa
 
+        with self._local_swap(target) as tmp, pa.OSFile(tmp, "wb") as sink:  # a file: no URI parsing of the name
+            write(sink)
+
+    def _put(self, data: bytes, target: str) -> None:
+        if not self.local:
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(target, data)  # object stores: one PUT, visible whole or not at all
+            return
+        with self._local_swap(target) as tmp, open(tmp, "wb") as fh:
+            fh.write(data)
+
+    @contextlib.contextmanager
+    def _local_swap(self, target: str) -> Iterator[str]:
+        """A temporary path beside a local `target`, renamed onto it once written (a rename on
+        the same disk: readers see the old file or the new one, never a part); removed if the
+        write fails. Readers skip the temporary names (Store.files)."""
         os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{target}.{uuid.uuid4().hex}.tmp"
         try:
-            with pa.OSFile(tmp, "wb") as sink:  # a file, not a path: no URI parsing of the name
-                write(sink)
+            yield tmp
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        os.replace(tmp, target)  # rename on the same disk: atomic
-
-    def _put(self, data: bytes, target: str) -> None:
-        parent = target.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
-        if not self.local:
-            self.fs.pipe_file(target, data)  # object stores: one PUT, visible whole or not at all
-            return
-        tmp = f"{target}.{uuid.uuid4().hex}.tmp"
-        with self.fs.open(tmp, "wb") as fh:
-            fh.write(data)
-        self.fs.mv(tmp, target)  # rename on the same disk: atomic
+        os.replace(tmp, target)
 
     # -- reading ---------------------------------------------------------------------------
     def exists(self, *parts: str) -> bool:

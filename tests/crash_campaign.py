@@ -8,8 +8,8 @@ server (tests/crash_server.py, a slow-starting, request-counting stand-in for vL
 is a custom function (`slow_length` below) that takes a little time, so rewards are in flight.
 
 Each kill point (POINTS) waits for its phase's marker (a log line, a file appearing in the
-results root, a request at a server), then a seeded random delay, then SIGKILLs the process
-group. After the points of a round, the same command runs again and must finish (exit 0).
+results root, a request at a server), then a seeded random delay (cut short in a `toa run`
+round when the run's last step is next: RUN_ENDING), then SIGKILLs the process group. After the points of a round, the same command runs again and must finish (exit 0).
 
 Definitions (as tests/test_faults.py's kill test):
 - a request is *in flight at a kill* when that kill is the first after its arrival and the
@@ -62,6 +62,12 @@ PROMPTS, N, BATCH = 8, 2, 4  # per round: 2 batches, 2 methods (random, toa)
 SLOW_S = 0.3  # each answer of the slow double path and of the launched stand-in
 ROUND_SEEDS = {"launched": 0, "attached": 1, "evolve": 2}  # each results root its own run seed: no shared calls
 SEED_ENV, DEFAULT_SEED = "TOA_CRASH_SEED", 20261130
+# In the `toa run` rounds a kill lands before the run's last step (finish-run, which records the
+# run as finished): a kill after it finds nothing left to do, so the round's next points would
+# have nothing to kill. A delay is cut short when this marker appears (on a fast CPU the rest of
+# a resumed run once took less than the 0.68 s a point still had to wait).
+RUN_ROUNDS = ("launched", "attached")
+RUN_ENDING = "line:Task run 'publish-report-.*Finished"
 
 
 async def slow_length(prompt: str, response: str, reference: str | None) -> float:
@@ -251,7 +257,7 @@ class Attempt:
 class Kill:
     number: int
     point: Point
-    delay_s: float
+    delay_s: float  # waited after the trigger (the seeded delay, or less: RUN_ENDING)
     at: float  # wall clock of the SIGKILL
     in_flight: int = 0  # generations, filled in by `account`
     unanswered: int = 0  # of those, generations the server had not answered at the kill
@@ -393,9 +399,10 @@ class Campaign:
         (self.workdir / "kills.json").write_text(json.dumps([{**vars(k), "point": vars(k.point)} for k in self.kills]))
         return figures
 
-    def kill_at(self, point: Point, tries: int = 3) -> None:
+    def kill_at(self, point: Point, tries: int = 6) -> None:
         """Kill at `point`; a command that ends before its kill (the short `toa export` and
-        `toa report`) is run again with half the delay, up to `tries` times."""
+        `toa report`) is run again with half the delay, up to `tries` times (on a fast CPU
+        `toa export` once ended within three tries' delays: 3.0 x u, then halved twice)."""
         scale = 1.0
         for _ in range(tries):
             missed = self._kill_once(point, self.rng.uniform(0.0, point.max_delay_s) * scale)
@@ -413,9 +420,12 @@ class Campaign:
             if attempt.proc.poll() is not None or time.monotonic() > deadline:
                 break
             time.sleep(0.02)  # polling for the marker, not waiting for readiness
-        end = time.monotonic() + delay
-        while time.monotonic() < end and attempt.proc.poll() is None:
+        triggered = time.monotonic()
+        while time.monotonic() < triggered + delay and attempt.proc.poll() is None:
+            if point.round in RUN_ROUNDS and attempt.triggered(RUN_ENDING):
+                break
             time.sleep(0.01)
+        waited = time.monotonic() - triggered
         label = f"{point.round}/{point.phase}/{point.trigger}"
         if attempt.proc.poll() is not None:
             attempt.wait(10)
@@ -424,10 +434,10 @@ class Campaign:
         at = time.time()
         os.killpg(attempt.proc.pid, signal.SIGKILL)
         attempt.wait(30)
-        kill = Kill(len(self.kills) + 1, point, delay, at)
+        kill = Kill(len(self.kills) + 1, point, waited, at)
         kill.leaked = self.leftovers(attempt.proc.pid, attempt.started)
         self.kills.append(kill)
-        self.log(f"kill {kill.number}: {label} after {delay:.2f} s (+{at - attempt.started:.1f} s from start)")
+        self.log(f"kill {kill.number}: {label} after {waited:.2f} s of {delay:.2f} (+{at - attempt.started:.1f} s from start)")
         return None
 
     def leftovers(self, pgid: int, since: float) -> list[str]:

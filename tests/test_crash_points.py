@@ -35,17 +35,20 @@ seeded uniform(0, max delay) after it; seed: $TOA_CRASH_SEED, default 20261130):
 | evolve   | evolve           | iteration 1 manifest written (its sampling starts)| 1.5 |
 | evolve   | report           | log line: task summarize finished                 | 1.5 |
 
-The table is crash_campaign.POINTS; a test below keeps the two in step. A command that ends
-before its kill (the sub-second `toa export` / `toa report`) is started again with half the
-delay, up to 3 times; a point still missed fails the test. Definitions (in flight, repeated,
-lost, duplicate, corrupt): tests/crash_campaign.py. About 2 minutes on 2 cores; the same
-campaign prints its figures with `python benchmarks/crash_points.py`.
+The table is crash_campaign.POINTS; a test below keeps the two in step. In the `toa run`
+rounds a delay ends early when the run's last step is next (crash_campaign.RUN_ENDING): a kill
+after it would leave the round's next points nothing to kill. A command that ends before its
+kill (the sub-second `toa export` / `toa report`) is started again with half the delay, up to
+6 times; a point still missed fails the test. Definitions (in flight, repeated, lost,
+duplicate, corrupt): tests/crash_campaign.py. About 2 minutes on 2 cores; the same campaign
+prints its figures with `python benchmarks/crash_points.py`.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,3 +153,23 @@ def test_duplicate_rows_and_corrupt_shards_are_found(tmp_path):
     assert [p.split(":")[0] for p in corrupt_shards([tmp_path])] == [str(part / "c.parquet")]
     (part / "c.parquet").unlink()
     assert duplicates([tmp_path])["samples"] == 1
+
+
+def test_a_run_rounds_kill_comes_before_the_runs_last_step(tmp_path, monkeypatch):
+    # Seen in CI on a fast CPU: a resumed `toa run` finished within a point's delay, so the
+    # round's next three points found a finished run and had nothing to kill. A real process
+    # that prints the marker of the run's last step and then would run on for a minute:
+    from crash_campaign import KEY, SLOW_S, Point, TimedDouble
+
+    script = ("import time; print(\"Task run 'publish-report-1' - Finished in state Completed()\", flush=True); "
+              "time.sleep(60)")
+    campaign = Campaign(tmp_path, dict(os.environ), seed=0)
+    for round_name in ("attached", "export"):  # a `toa run` round, and one that is not
+        monkeypatch.setattr(campaign, "commands", lambda: {round_name: ([sys.executable, "-c", script], tmp_path, None)})
+        with TimedDouble(KEY, slow_s=SLOW_S) as campaign.double:
+            delay = 30.0 if round_name == "attached" else 2.0
+            assert campaign._kill_once(Point(round_name, "report", "start", delay), delay) is None
+    cut, full = campaign.kills
+    assert cut.delay_s < 10  # killed once the marker showed, not after 30 s
+    assert 2.0 <= full.delay_s < 10 and not cut.leaked and not full.leaked
+

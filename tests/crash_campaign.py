@@ -9,7 +9,8 @@ is a custom function (`slow_length` below) that takes a little time, so rewards 
 
 Each kill point (POINTS) waits for its phase's marker (a log line, a file appearing in the
 results root, a request at a server), then a seeded random delay (cut short in a `toa run`
-round when the run's last step is next: RUN_ENDING), then SIGKILLs the process group. After the points of a round, the same command runs again and must finish (exit 0).
+round when the run's last step is next: RUN_ENDING), then SIGKILLs the process group. After
+the points of a round, the same command runs again and must finish (exit 0).
 
 Definitions (as tests/test_faults.py's kill test):
 - a request is *in flight at a kill* when that kill is the first after its arrival and the

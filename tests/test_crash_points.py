@@ -172,4 +172,3 @@ def test_a_run_rounds_kill_comes_before_the_runs_last_step(tmp_path, monkeypatch
     cut, full = campaign.kills
     assert cut.delay_s < 10  # killed once the marker showed, not after 30 s
     assert 2.0 <= full.delay_s < 10 and not cut.leaked and not full.leaked
-

@@ -493,7 +493,6 @@ def _columns(table: str, rows: list[Any]) -> list[Sequence[Any]]:
     return columns
 
 
-
 def _values(table: str, row: Any) -> tuple:
     """One row's column values in the table's order. A typed row must be the table's class; a
     dict (accepted while writers move to typed rows) must have the table's columns, less any

@@ -4,7 +4,7 @@ to reach the mean best reward of Random best-of-32, and its mean best reward at 
 
     python benchmarks/search_efficiency.py [--world differing|no_refine|both] [--prompts 200]
                                            [--seed 0] [--boot 2000] [--refine-scale 1.0]
-    python benchmarks/search_efficiency.py --real [--real-prompts 64]
+    python benchmarks/search_efficiency.py --real [--real-prompts 64] [--real-root DIR] [--real-ns 16,8]
 
 Every method runs through its real code (toa.methods.get_method: every registered method) in
 process, on a simulated world of M = 4 agents. A method whose budget is not fixed in advance
@@ -77,7 +77,12 @@ default reward; README "The embedded default") through the `toa` flow, M = 2 so 
 on the AlpacaEval instructions with their reference outputs (../shared/data) when present,
 else on the packaged prompt set (16 prompts); one flow call per budget into one results root
 (content-addressed calls are shared across budgets, as in the simulation), best rewards from
-the `prompts_best` view. It needs `toa setup`'s vLLM environment; it is not part of run_all.
+the `prompts_best` view. The equal budget (n = 16) runs first, then n = 8, 4, 2, 12, 6 (most of
+the curve first; a smaller budget finds its requests' first slots recorded by a larger one);
+the tables are printed after each budget.
+The root (--real-root, kept) makes the command resumable: run it again after a stop and it
+goes on where it was. It needs `toa setup`'s vLLM environment; run_all runs it only when asked
+(`--only search_efficiency_real`).
 
 The last line (world differing):
     toa reaches random best-of-32 reward with <p>% of the generations
@@ -95,6 +100,12 @@ CPU; both worlds 45 s wall):
 - no_refine: toa is not worse than parallel_ensemble; it is slightly better beyond the noise
   (+0.0047, paired CI +0.0026..+0.0067), because its UCB steers the plays to the agent that is
   best on each prompt, and a refinement there is a fresh answer of that agent.
+
+Findings of --real (64 AlpacaEval prompts, the embedded default; benchmarks/RESULTS.md): the
+claim does not hold at this model scale. Random best-of-32 from SmolLM2 is beaten by no method
+beyond the noise, TOA ends 0.020 below it at 32 generations, because a refinement by these
+small models is usually worse than its parent (TOA's: -0.19 on average, better 15 % of the
+time), unlike the world above, where refinements close part of the gap to the ceiling.
 """
 
 from __future__ import annotations
@@ -105,9 +116,11 @@ import math
 import random
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +140,7 @@ EQUAL_N = 8  # equal budget: M x 8 = 32 generations
 BUDGET_NS = (1, 2, 3, 4, 6, 8)
 EXTRA_NS = (12, 16, 24)  # for methods still short of the target at 32 generations
 BASELINE = "random"
+REAL_GENS = (32, 16, 8, 4, 24, 12)  # --real's order: the equal budget, halvings, then between (most of the curve first)
 TAG = re.compile(r"\[\[q=(-?\d+\.\d+)\]\]")
 FEEDBACK_MARK = load("feedback").text.splitlines()[0]  # the feedback template's fixed first line
 
@@ -487,30 +501,32 @@ def prompts_for(count: int) -> list[Prompt]:
 # ---------------------------------------------------------------------------- (b) real models
 def run_real(args: argparse.Namespace) -> None:
     """The same comparison through the `toa` flow on the embedded default agents and reward:
-    one flow call per budget, every method at once, one results root (content-addressed calls
-    are shared across budgets). Needs the vLLM servers; not run in CI."""
-    import tempfile
-
+    one flow call per budget, every method at once, into one results root that outlives the
+    process (content-addressed calls are shared across budgets, and the same command resumes
+    where a stopped one left off). The equal budget runs first: later, smaller budgets find
+    their requests' first slots already recorded. The tables are printed after every budget,
+    so a stopped run still says what it measured. Needs the vLLM servers; not run in CI."""
     import throughput  # its AlpacaEval path and environment defaults
-    from prefect.testing.utilities import prefect_test_harness
-    from toa.flows.synthesize import toa
 
     from toa.config import default_agents
     from toa.db import query
     from toa.prompts import DEFAULT_PROMPTS
+    from toa.servers.prefect_api import temporary_api  # the API `toa run` starts, ended with this process
     from toa.storage import Store
 
     m = len(default_agents())
-    ns = sorted({max(1, g // m) for g in (4, 8, 12, 16, 24, 32)})
-    equal = 32 // m * m
+    equal_n = 32 // m
+    ns = [int(n) for n in args.real_ns.split(",")] if args.real_ns else list(dict.fromkeys(max(1, g // m) for g in REAL_GENS))
     source = ({"path": str(throughput.ALPACA), "text_field": "instruction", "id_field": "id",
                "reference_field": "reference_output", "limit": args.real_prompts}
               if throughput.ALPACA.exists() else {"path": DEFAULT_PROMPTS, "limit": args.real_prompts})
     todo, skipped = entries()
     curves = {e.name: Curve(e) for e in todo}
     per_prompt: dict[tuple[str, int], dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="toa-search-") as tmp, prefect_test_harness(server_startup_timeout=120):
-        root = Path(tmp) / "results"
+    root = Path(args.real_root)
+    print(f"real: results root {root} (the same command resumes it); budgets n={ns}", flush=True)
+    flow = []  # imported while the API starts
+    with temporary_api(root / "logs", lambda: flow.append(import_module("toa.flows.synthesize").toa)):
         for n in ns:
             options = {}
             for e in todo:
@@ -519,8 +535,8 @@ def run_real(args: argparse.Namespace) -> None:
                 except ValueError as exc:
                     skipped.append(f"{e.label} at n={n}: {exc}")
             start = time.perf_counter()
-            result = toa(methods=sorted(options), n=n, results_root=str(root),
-                         overrides={"prompts": source, "method_options": {k: v for k, v in options.items() if v}})
+            result = flow[0](methods=sorted(options), n=n, results_root=str(root),
+                             overrides={"prompts": source, "method_options": {k: v for k, v in options.items() if v}})
             print(f"n={n}: {len(options)} methods in {time.perf_counter() - start:.0f} s", flush=True)
             frame = query(Store(str(root)), "SELECT method, prompt_id, best_reward FROM prompts_best "
                                             "WHERE run_id = ? AND best_reward IS NOT NULL", [result["run_id"]])
@@ -528,14 +544,37 @@ def run_real(args: argparse.Namespace) -> None:
                 gens = get_method(method, **options[method]).generations(m, n)
                 per_prompt.setdefault((method, gens), {})[prompt_id] = value
                 curves[method].ns[n] = gens
-                curves[method].equal = gens if n == 32 // m else curves[method].equal
-    ids = sorted(set.intersection(*(set(v) for v in per_prompt.values())))  # prompts every run scored
+                curves[method].equal = gens if n == equal_n else curves[method].equal
+            print_real(curves, per_prompt, skipped, args, m, ns[:ns.index(n) + 1])
+            print(spent_line(Store(str(root))), flush=True)
+
+
+def spent_line(store) -> str:
+    """What the root's model calls were, read from the store: the same when a run is resumed or
+    repeated (its time span includes any pause between a stop and the resume)."""
+    from toa.db import query
+
+    calls, failed, tokens, span = query(store, "SELECT count(*), count(*) FILTER (WHERE status <> 'ok'), "
+                                               "sum(completion_tokens), max(created_at) - min(created_at) "
+                                               "FROM calls").row(0)
+    return (f"real: the root holds {calls} generations ({failed} failed), {tokens} completion tokens, "
+            f"made over {span / 60:.0f} min")
+
+
+def print_real(curves: dict[str, Curve], per_prompt: dict[tuple[str, int], dict[str, float]],
+               skipped: list[str], args: argparse.Namespace, m: int, ns_done: list[int]) -> None:
+    """The tables on the prompts every (method, budget) run so far scored."""
+    ids = sorted(set.intersection(*(set(v) for v in per_prompt.values())))
     for (method, gens), values in per_prompt.items():
         curves[method].best[gens] = np.array([values[i] for i in ids])
-    done = [c for c in curves.values() if c.equal in c.best and c.best]
-    print(f"real: {len(ids)} prompts scored by every (method, budget); M={m} embedded agents, n={ns}, default reward")
-    rows = print_results(done, skipped, resamples(len(ids), args.boot, args.seed), m, equal)
-    print(headline(rows, equal))
+    done = [c for c in curves.values() if c.equal in c.best]
+    if curves[BASELINE] not in done:
+        print(f"real: n={ns_done} done; no table before the equal budget n={32 // m} has run", flush=True)
+        return
+    print(f"real: {len(ids)} prompts scored by every (method, budget); M={m} embedded agents, "
+          f"n={ns_done} done, default reward", flush=True)
+    rows = print_results(done, skipped, resamples(len(ids), args.boot, args.seed), m, 32 // m * m)
+    print(headline(rows, 32 // m * m), flush=True)
 
 
 # ---------------------------------------------------------------------------- main
@@ -549,6 +588,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="multiply every agent's refinement gain (closes): how much a result rests on it")
     p.add_argument("--real", action="store_true", help="the embedded vLLM servers through the toa flow instead")
     p.add_argument("--real-prompts", type=int, default=64)
+    p.add_argument("--real-root", default=str(Path(tempfile.gettempdir()) / "toa-search-efficiency-real"),
+                   help="results root of --real, kept: the same command resumes it")
+    p.add_argument("--real-ns", default="", help="--real budgets (n per agent) in order, e.g. 16,8; "
+                   "default: 16,8,4,2,12,6 for two agents (REAL_GENS)")
     return p.parse_args(argv)
 
 

@@ -140,3 +140,25 @@ def test_main_ends_with_the_required_line(capsys):
     assert any(line.startswith("skipped optima") for line in out)
     table = {line.split()[0] for line in out if re.match(r"^\S+\s+(<=|>)?\d+%", line)}
     assert table == {e.label for e in se.entries()[0]}  # every method that ran has a row
+
+
+def test_real_prints_tables_only_once_the_equal_budget_has_run(capsys):
+    """--real's order starts at the equal budget, and a stopped run's partial output says what it
+    measured (in-process values, no servers: the printing path of run_real)."""
+    assert se.parse_args(["--real"]).real_ns == ""
+    assert list(dict.fromkeys(g // 2 for g in se.REAL_GENS))[:4] == [16, 8, 4, 2]  # two agents
+    entries = {e.name: e for e in se.entries()[0]}
+    curves = {name: se.Curve(entries[name]) for name in ("random", "toa")}
+    args = se.parse_args(["--real", "--boot", "50"])
+    ids = [f"p{i}" for i in range(8)]
+    se.print_real(curves, {("random", 4): dict.fromkeys(ids, 0.5)}, [], args, 2, [2])
+    assert "no table before the equal budget n=16" in capsys.readouterr().out
+    per_prompt = {("random", 4): dict.fromkeys(ids, 0.5), ("random", 32): dict.fromkeys(ids, 0.6),
+                  ("toa", 32): {i: 0.7 for i in ids[:-1]}}  # toa's run scored one prompt fewer
+    for (name, gens) in per_prompt:
+        curves[name].ns[gens // 2] = gens
+        curves[name].equal = 32
+    se.print_real(curves, per_prompt, [], args, 2, [2, 16])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "real: 7 prompts scored by every (method, budget)" in out[0]  # the prompts all runs scored
+    assert LAST_LINE.fullmatch(out[-1]) and "<=" in out[-1]  # toa beats the target at its smallest budget

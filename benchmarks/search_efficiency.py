@@ -516,7 +516,7 @@ def run_real(args: argparse.Namespace) -> None:
 
     m = len(default_agents())
     equal_n = 32 // m
-    ns = [int(n) for n in args.real_ns.split(",")] if args.real_ns else list(dict.fromkeys(max(1, g // m) for g in REAL_GENS))
+    ns = [int(n) for n in args.real_ns.split(",")] if args.real_ns else real_budgets(m)
     source = ({"path": str(throughput.ALPACA), "text_field": "instruction", "id_field": "id",
                "reference_field": "reference_output", "limit": args.real_prompts}
               if throughput.ALPACA.exists() else {"path": DEFAULT_PROMPTS, "limit": args.real_prompts})
@@ -549,6 +549,11 @@ def run_real(args: argparse.Namespace) -> None:
             print(spent_line(Store(str(root))), flush=True)
 
 
+def real_budgets(m: int) -> list[int]:
+    """--real's budgets in the order they run, as n per agent for m agents (REAL_GENS)."""
+    return list(dict.fromkeys(max(1, g // m) for g in REAL_GENS))
+
+
 def spent_line(store) -> str:
     """What the root's model calls were, read from the store: the same when a run is resumed or
     repeated (its time span includes any pause between a stop and the resume)."""
@@ -573,8 +578,9 @@ def print_real(curves: dict[str, Curve], per_prompt: dict[tuple[str, int], dict[
         return
     print(f"real: {len(ids)} prompts scored by every (method, budget); M={m} embedded agents, "
           f"n={ns_done} done, default reward", flush=True)
-    rows = print_results(done, skipped, resamples(len(ids), args.boot, args.seed), m, 32 // m * m)
-    print(headline(rows, 32 // m * m), flush=True)
+    equal = 32 // m * m
+    rows = print_results(done, skipped, resamples(len(ids), args.boot, args.seed), m, equal)
+    print(headline(rows, equal), flush=True)
 
 
 # ---------------------------------------------------------------------------- main

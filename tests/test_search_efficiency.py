@@ -146,7 +146,7 @@ def test_real_prints_tables_only_once_the_equal_budget_has_run(capsys):
     """--real's order starts at the equal budget, and a stopped run's partial output says what it
     measured (in-process values, no servers: the printing path of run_real)."""
     assert se.parse_args(["--real"]).real_ns == ""
-    assert list(dict.fromkeys(g // 2 for g in se.REAL_GENS))[:4] == [16, 8, 4, 2]  # two agents
+    assert se.real_budgets(2) == [16, 8, 4, 2, 12, 6]  # two agents: the equal budget first
     entries = {e.name: e for e in se.entries()[0]}
     curves = {name: se.Curve(entries[name]) for name in ("random", "toa")}
     args = se.parse_args(["--real", "--boot", "50"])
